@@ -1,0 +1,112 @@
+"""The shared training loop: schedule, batch order, exact resume after a signal, NaN stop."""
+
+import os
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+from utils.trainer import (
+    Trainer,
+    TrainingDiverged,
+    TrainingInterrupted,
+    TrainSettings,
+    batch_indices,
+    lr_factor,
+)
+
+
+def test_warmup_then_cosine_to_min_lr():
+    lr, lo = 1e-3, 1e-6
+    assert lr_factor(0, 50, 150, lr, lo) == pytest.approx(1 / 50)
+    assert lr_factor(49, 50, 150, lr, lo) == pytest.approx(1.0)
+    assert lr_factor(50, 50, 150, lr, lo) == pytest.approx(1.0)
+    assert lr_factor(100, 50, 150, lr, lo) * lr == pytest.approx(lo + (lr - lo) / 2)
+    assert lr_factor(150, 50, 150, lr, lo) * lr == pytest.approx(lo)
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_batches_are_epoch_permutations_and_resume_exactly():
+    full = _take(batch_indices(10, 4, seed=3, start_step=0), 9)  # 2 full batches per epoch (drop last)
+    assert all(len(b) == 4 for b in full)
+    for e in range(4):
+        epoch = full[2 * e] + full[2 * e + 1]
+        assert len(set(epoch)) == 8
+    assert _take(batch_indices(10, 4, seed=3, start_step=5), 4) == full[5:9]
+    assert full != _take(batch_indices(10, 4, seed=4, start_step=0), 9)
+
+
+def test_small_set_uses_everything_each_step():
+    b = _take(batch_indices(3, 32, seed=0, start_step=0), 2)
+    assert sorted(b[0]) == [0, 1, 2] and sorted(b[1]) == [0, 1, 2]
+
+
+X = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
+Y = (X[:, 0] > 0).long()
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Dropout(0.3), nn.Linear(8, 2))
+
+
+def _trainer(model, run_dir, total=30, lr=0.05):
+    settings = TrainSettings(lr=lr, weight_decay=1e-2, warmup_steps=5, total_steps=total, min_lr=1e-6, seed=1,
+                             device=torch.device("cpu"), precision="fp32", checkpoint_every=7)
+    return Trainer(model, settings, run_dir, fingerprint="abc")
+
+
+def _batches(kill_at=None):
+    def gen(start):
+        for step, idx in enumerate(batch_indices(len(Y), 8, 1, start), start=start):
+            if kill_at is not None and step == kill_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            ids = torch.as_tensor(idx)
+            yield X[ids], Y[ids]
+    return gen
+
+
+def _augment(x, g):
+    return x + 0.01 * torch.randn(x.shape, generator=g)
+
+
+def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path):
+    straight = _model()
+    _trainer(straight, tmp_path / "a").fit(_batches(), _augment)
+
+    interrupted = _model()
+    with pytest.raises(TrainingInterrupted) as info:
+        _trainer(interrupted, tmp_path / "b").fit(_batches(kill_at=12), _augment)
+    assert info.value.step == 13 and (tmp_path / "b" / "checkpoint.pt").is_file()
+
+    resumed = _model()
+    trainer = _trainer(resumed, tmp_path / "b")
+    assert trainer.try_resume() == 13
+    stats = trainer.fit(_batches(), _augment)
+    assert stats.resumed_from == 13 and stats.steps == 17
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_from_other_settings_is_refused(tmp_path):
+    model = _model()
+    t = _trainer(model, tmp_path)
+    t.save_checkpoint()
+    other = Trainer(_model(), t.s, tmp_path, fingerprint="different")
+    with pytest.raises(Exception, match="other settings"):
+        other.try_resume()
+
+
+def test_non_finite_loss_names_the_step(tmp_path):
+    model = _model()
+
+    def bad(start):
+        for step in range(start, 100):
+            yield (X[:8] * (float("inf") if step == 3 else 1.0)), Y[:8]
+
+    with pytest.raises(TrainingDiverged, match="at step 4: lower the learning rate"):
+        _trainer(model, tmp_path).fit(bad, lambda x, g: x)

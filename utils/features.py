@@ -1,0 +1,72 @@
+"""Frozen image features, extracted once per (model, weights, images, preprocessing) and cached."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from utils import images as img
+from utils.augment import normalise
+from utils.trainer import collect_outputs
+
+
+def cache_root() -> Path:
+    """$CYTOLORA_CACHE/features, else ~/.cache/cytology-lora/features."""
+    base = os.environ.get("CYTOLORA_CACHE") or Path.home() / ".cache" / "cytology-lora"
+    return Path(base) / "features"
+
+
+def weights_identity(weights: str) -> str:
+    """A local weights file is identified by its path, size and modification time."""
+    path = Path(weights)
+    if path.exists():
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        return json.dumps([[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+    return weights
+
+
+def cache_key(spec, backbone: str | None, samples: Sequence[tuple[str, int]]) -> str:
+    """Hash of everything that determines the features of these images."""
+    payload = {
+        "model": spec.key,
+        "backbone": backbone,
+        "weights": weights_identity(spec.weights),
+        "preprocessing": [spec.input_size, list(spec.mean), list(spec.std), "resize-bicubic"],
+        "images": [[str(Path(p).resolve()), Path(p).stat().st_mtime_ns, label] for p, label in samples],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def extract_features(
+    spec,
+    samples: Sequence[tuple[str, int]],
+    device: torch.device,
+    precision: str,
+    batch_size: int,
+    num_workers: int,
+    backbone: str | None = None,
+    desc: str = "features",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) float32 features and (N,) labels, from the cache when present."""
+    path = cache_root() / f"{cache_key(spec, backbone, samples)}.safetensors"
+    if path.is_file():
+        tensors = load_file(path)
+        return tensors["features"], tensors["labels"]
+    mean = torch.tensor(spec.mean, device=device)
+    std = torch.tensor(spec.std, device=device)
+    batches = img.iterate_batches(samples, spec.input_size, batch_size, num_workers)
+    total = -(-len(samples) // batch_size)
+    features, labels = collect_outputs(
+        spec.encode_image, spec.model, batches, lambda x: normalise(x, mean, std), device, precision, total, desc
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({"features": features.contiguous(), "labels": labels.contiguous()}, str(tmp))
+    os.replace(tmp, path)
+    return features, labels

@@ -1,0 +1,123 @@
+"""Decoding a split's images once into uint8 tensors at the model's input size."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from utils.seeding import seed_worker
+
+# Sets below this many bytes are decoded once and kept in memory for the whole run.
+IN_MEMORY_BYTES = 2 * 1024**3
+
+
+def decode_resized(path: str, size: int) -> torch.Tensor:
+    """One image as a (3, size, size) uint8 tensor, resized with bicubic like the eval transform."""
+    from datasets import load_image
+
+    image = load_image(path).resize((size, size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+class ResizedImages(Dataset):
+    """A list of (path, label) read as uint8 tensors of one size."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], size: int):
+        self.samples = list(samples)
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        return decode_resized(path, self.size), label
+
+
+def _loader(dataset: Dataset, batch_size: int, num_workers: int, sampler=None) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=None if sampler is not None else batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        worker_init_fn=seed_worker,
+        persistent_workers=False,
+    )
+
+
+def fits_in_memory(n_images: int, size: int) -> bool:
+    """Whether a split of n images at this size is kept decoded in memory."""
+    return n_images * 3 * size * size <= IN_MEMORY_BYTES
+
+
+def load_all(
+    samples: Sequence[tuple[str, int]], size: int, num_workers: int = 0, desc: str = "decode"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode every image once: (N, 3, S, S) uint8 and (N,) int64 labels."""
+    dataset = ResizedImages(samples, size)
+    images = torch.empty((len(dataset), 3, size, size), dtype=torch.uint8)
+    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+    start = 0
+    loader = _loader(dataset, batch_size=64, num_workers=num_workers)
+    for batch, _ in tqdm(loader, desc=desc, unit="batch", leave=False):
+        images[start : start + len(batch)] = batch
+        start += len(batch)
+    return images, labels
+
+
+def iterate_batches(
+    samples: Sequence[tuple[str, int]], size: int, batch_size: int, num_workers: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Stream a split in order as uint8 batches, for sets too large to keep in memory."""
+    dataset = ResizedImages(samples, size)
+    loader = _loader(dataset, batch_size=batch_size, num_workers=num_workers)
+    for images, labels in loader:
+        yield images, torch.as_tensor(labels, dtype=torch.int64)
+
+
+class IndexedBatches:
+    """Serves batches by explicit index lists, from memory or decoded on the fly."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], size: int, num_workers: int = 0):
+        self.samples = list(samples)
+        self.size = size
+        self.num_workers = num_workers
+        self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.int64)
+        self.images: torch.Tensor | None = None
+        if fits_in_memory(len(self.samples), size):
+            self.images, _ = load_all(self.samples, size, num_workers, desc="decode train")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def stream(self, index_lists: Iterator[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (uint8 images, labels) for each list of indices, in order."""
+        if self.images is not None:
+            for idx in index_lists:
+                ids = torch.as_tensor(idx)
+                yield self.images[ids], self.labels[ids]
+            return
+        dataset = _BatchByIndex(ResizedImages(self.samples, self.size))
+        loader = _loader(dataset, batch_size=1, num_workers=self.num_workers, sampler=index_lists)
+        yield from loader
+
+
+class _BatchByIndex(Dataset):
+    """Dataset whose item is a whole batch, so a sampler of index lists drives the loader."""
+
+    def __init__(self, base: ResizedImages):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        items = [self.base[i] for i in indices]
+        images = torch.stack([im for im, _ in items])
+        labels = torch.tensor([label for _, label in items], dtype=torch.int64)
+        return images, labels
