@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Sweeps of cytology-lora experiments: every combination, finished runs skipped (see utils/sweep.py).
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+usage: bash launch_run.sh --experiment {1,2,3} --datasets "D ..." --models "M ..." [options]
+
+  --experiment 1|2|3   1 = linear head (main.py); 2 = LoRA few-shot; 3 = LoRA on a percentage (main_lora.py)
+  --datasets "..."     e.g. "sipakmed mlcc bcfc hicervix"
+  --models "..."       e.g. "clip quilt biomedclip uni vit_google"
+  --shots "..."        experiments 1-2 (default "1 2 4 8 16"; -1 = all images)
+  --percentages "..."  experiment 3 (default "1 10 50 100")
+  --seeds "..."        default "1 2 3"
+  --lrs "..."          default: the paper's learning rate
+  --weights "..."      "pretrained" (default), "random", or a local file; "pretrained random" runs both
+  --level L            HiCervix level(s), e.g. level_3
+  --root_path R  --output_dir O (default results)  --n_iters N
+  --extra "..."        flags for every run, e.g. "--params pw --r 4" or "--textual True"
+  --dry_run            print the pending commands
+  --gpus "0 1"         one local worker per GPU
+  --slurm              write <output_dir>/sweeps/<time>/sweep.sbatch and submit it if sbatch exists
+                       (--sbatch "--partition=gpu --time=04:00:00", --max_parallel N)
+
+Finished runs (a results.json in their folder) are skipped, so rerunning resumes a sweep.
+Each run logs to <run folder>.log. Summarise with: python -m utils.report <output_dir>
+EOF
+}
+
+if [[ $# -eq 0 ]]; then
+    usage >&2
+    exit 2
+fi
+if [[ "$1" == "-h" || "$1" == "--help" ]]; then
+    usage
+    exit 0
+fi
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+export PYTHONPATH="${here}${PYTHONPATH:+:${PYTHONPATH}}"
+exec "${PYTHON:-python}" -m utils.sweep "$@"

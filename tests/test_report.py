@@ -1,0 +1,227 @@
+"""The report's numbers against hand-computed statistics on synthetic results.json files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from utils import stats
+from utils.config import RunConfig, run_dir
+from utils.report import ReportError, build_report
+
+REPO = Path(__file__).resolve().parents[1]
+T_975_DF2 = 4.302652729749464  # Student t, 97.5% quantile, 2 degrees of freedom (from tables)
+T_975_DF4 = 2.7764451051977987  # 4 degrees of freedom
+
+
+def write_run(out: Path, seed: int, test: float, val: float = 0.5, schema: int = 1, env: dict | None = None,
+              **settings) -> Path:
+    """A finished run's results.json where the entry points would put it; test metrics derive from `test`."""
+    config = RunConfig(output_dir=str(out), seed=seed, **settings)
+    folder = run_dir(config)
+    folder.mkdir(parents=True)
+
+    def block(bacc: float) -> dict:
+        return {"accuracy": bacc + 0.05, "balanced_accuracy": bacc, "macro_f1": bacc - 0.05, "auroc": 0.9,
+                "ece": 0.1, "per_class_recall": {"neg": bacc, "pos": bacc},
+                "confusion_matrix": [[3, 1], [0, 4]], "n": 8}
+
+    data = {"schema_version": schema, "experiment": config.experiment, "dataset": config.dataset,
+            "model_name": config.model_name, "seed": seed, "shots": config.shots,
+            "percentage": config.percentage, "level": config.level, "lr": config.lr,
+            "config": config.to_dict(),
+            "classes": ["neg", "pos"], "n_train": 4, "n_val": 4, "n_test": 8,
+            "split_sha256": f"split-{config.dataset}-{config.shots}-{seed}",
+            "metrics": {"val": block(val), "test": block(test)}, "method": config.method}
+    if env is not None:
+        data["env"] = env
+    (folder / "results.json").write_text(json.dumps(data))
+    return folder
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def report_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "utils.report", *args], check=False, cwd=REPO,
+                          capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_summary_matches_hand_computed_mean_std_and_t_interval(tmp_path):
+    for seed, bacc in zip((1, 2, 3), (0.6, 0.7, 0.8), strict=True):
+        write_run(tmp_path, seed, bacc)
+    build_report(tmp_path, plots=False)
+    rows = read_csv(tmp_path / "report" / "summary.csv")
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["n_seeds"], row["seeds"], row["model"], row["method"]) == ("3", "1;2;3", "tiny_clip",
+                                                                           "lora-qkv-r2-all-vision")
+    half = T_975_DF2 * 0.1 / math.sqrt(3)
+    assert float(row["test_balanced_accuracy_mean"]) == pytest.approx(0.7)
+    assert float(row["test_balanced_accuracy_std"]) == pytest.approx(0.1)
+    assert float(row["test_balanced_accuracy_ci_low"]) == pytest.approx(0.7 - half)
+    assert float(row["test_balanced_accuracy_ci_high"]) == pytest.approx(0.7 + half)
+    assert float(row["test_accuracy_mean"]) == pytest.approx(0.75)
+    values = [float(v) for v in row["test_balanced_accuracy_values"].split(";")]
+    assert values == pytest.approx([0.6, 0.7, 0.8])
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert f"70.0 ± {100 * half:.1f}" in md  # 70.0 ± 24.8
+
+
+def test_stats_functions_on_known_values():
+    assert stats.std([1.0]) != stats.std([1.0])  # NaN for one value
+    assert stats.std([2.0, 4.0, 6.0]) == pytest.approx(2.0)
+    low, high = stats.t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    half = T_975_DF4 * math.sqrt(2.5) / math.sqrt(5)
+    assert (low, high) == pytest.approx((3 - half, 3 + half))
+    assert stats.summarize([0.5, None, 0.7]).n == 2  # a missing metric is left out, not counted as zero
+
+
+def test_lr_is_selected_on_validation_never_on_test(tmp_path):
+    for seed in (1, 2):
+        write_run(tmp_path, seed, test=0.50 + 0.01 * seed, val=0.90, lr=1e-3)  # best on val, worse on test
+        write_run(tmp_path, seed, test=0.90 + 0.01 * seed, val=0.60, lr=1e-4)  # best on test only
+    build_report(tmp_path, plots=False)
+    assert len(read_csv(tmp_path / "report" / "summary.csv")) == 2
+    (chosen,) = read_csv(tmp_path / "report" / "summary_lr_selected.csv")
+    assert float(chosen["lr"]) == pytest.approx(1e-3)
+    assert float(chosen["test_balanced_accuracy_mean"]) == pytest.approx(0.515)
+    assert chosen["lr_candidates"] == "0.0001;0.001"
+
+
+def test_paired_bootstrap_has_the_known_sign():
+    a, b = [0.70, 0.72, 0.75, 0.71, 0.73], [0.60, 0.65, 0.62, 0.64, 0.61]
+    up = stats.paired_bootstrap(a, b, n_resamples=10_000, seed=0)
+    down = stats.paired_bootstrap(b, a, n_resamples=10_000, seed=0)
+    assert up.mean == pytest.approx(0.098) and up.n == 5
+    assert 0.07 <= up.boot_low < up.mean < up.boot_high <= 0.13  # every difference lies in [0.07, 0.13]
+    assert down.boot_high < 0 and down.mean == pytest.approx(-0.098)
+    assert stats.paired_bootstrap(a, b, seed=0) == up  # seeded: reproducible
+
+
+def test_paired_csv_compares_lora_with_linear_and_pretrained_with_random(tmp_path):
+    gains = [0.08, 0.12, 0.10, 0.09, 0.11]
+    for seed, gain in zip(range(1, 6), gains, strict=True):
+        base = 0.5 + 0.02 * seed
+        write_run(tmp_path, seed, base, experiment=1, shots=4)
+        write_run(tmp_path, seed, base + gain, experiment=2, shots=4)
+        write_run(tmp_path, seed, base - 0.2, experiment=1, shots=4, weights="random")
+    build_report(tmp_path, n_resamples=2000, plots=False)
+    rows = read_csv(tmp_path / "report" / "paired.csv")
+    lora = next(r for r in rows if r["comparison"] == "lora - linear" and "random" not in r["b"])
+    assert lora["a"].startswith("tiny_clip lora") and lora["b"] == "tiny_clip linear"
+    assert int(lora["n_pairs"]) == 5 and lora["seeds"] == "1;2;3;4;5"
+    assert float(lora["diff_mean"]) == pytest.approx(0.10)
+    assert 0.08 <= float(lora["boot_ci_low"]) < 0.10 < float(lora["boot_ci_high"]) <= 0.12
+    weights = next(r for r in rows if r["comparison"] == "pretrained - random")
+    assert (weights["a"], weights["b"]) == ("tiny_clip linear", "tiny_clip-random linear")
+    assert float(weights["diff_mean"]) == pytest.approx(0.2)
+    # LoRA (pretrained) vs linear (random) differs in two factors at once: not compared.
+    assert len(rows) == 2
+
+
+def test_runs_with_different_settings_or_schema_are_not_averaged(tmp_path):
+    for seed in (1, 2):
+        write_run(tmp_path / "a", seed, 0.6, n_iters=100)
+        write_run(tmp_path / "b", seed, 0.9, n_iters=200)
+        write_run(tmp_path / "c", seed, 0.3, n_iters=100, schema=2)
+    # A runtime-only difference (device) must not split a setting: seeds 1 and 2 of one setting.
+    write_run(tmp_path / "d", 1, 0.4, n_iters=300, device="cpu")
+    write_run(tmp_path / "e", 2, 0.5, n_iters=300, device="cuda")
+    # ... but "auto" precision that resolved differently (recorded in env) does.
+    for seed in (1, 2):
+        write_run(tmp_path / "f", seed, 0.2, n_iters=400, env={"precision": "fp32"})
+        write_run(tmp_path / "g", seed, 0.1, n_iters=400, env={"precision": "bf16"})
+    build_report(tmp_path, plots=False)
+    rows = read_csv(tmp_path / "report" / "summary.csv")
+    got = sorted((r["n_iters"], r["schema_version"], r["n_seeds"], float(r["test_balanced_accuracy_mean"]))
+                 for r in rows)
+    assert got == [("100", "1", "2", pytest.approx(0.6)), ("100", "2", "2", pytest.approx(0.3)),
+                   ("200", "1", "2", pytest.approx(0.9)), ("300", "1", "2", pytest.approx(0.45)),
+                   ("400", "1", "2", pytest.approx(0.1)), ("400", "1", "2", pytest.approx(0.2))]
+
+
+def test_same_setting_and_seed_twice_is_an_error_naming_both(tmp_path):
+    first = write_run(tmp_path / "a", 1, 0.6)
+    second = write_run(tmp_path / "b", 1, 0.7)
+    with pytest.raises(ReportError) as info:
+        build_report(tmp_path, plots=False)
+    assert str(first) in str(info.value) and str(second) in str(info.value)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "no_results", "bad_json"])
+def test_unusable_folders_exit_2_with_one_line(tmp_path, case):
+    folder = tmp_path / "runs"
+    if case != "missing":
+        folder.mkdir()
+    if case == "no_results":
+        (folder / "notes.txt").write_text("nothing here")
+    if case == "bad_json":
+        write_run(folder, 1, 0.6)
+        bad = write_run(folder, 2, 0.7) / "results.json"
+        bad.write_text('{"schema_version": 1, "config": {')
+    done = report_cli(str(folder))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert str(folder) in lines[0]
+    if case == "bad_json":
+        assert str(bad) in lines[0]
+
+
+def test_skip_invalid_warns_and_uses_the_rest(tmp_path):
+    write_run(tmp_path, 1, 0.6)
+    bad = write_run(tmp_path, 2, 0.7) / "results.json"
+    bad.write_text(json.dumps({"schema_version": 1, "config": {"seed": 2}, "metrics": {}}))
+    done = report_cli(str(tmp_path), "--skip_invalid", "--no_plots")
+    assert done.returncode == 0, done.stderr
+    assert f"warning: skipping {bad}" in done.stderr
+    (row,) = read_csv(tmp_path / "report" / "summary.csv")
+    assert row["seeds"] == "1"
+
+
+def test_checkpoint_folders_are_ignored(tmp_path):
+    folder = write_run(tmp_path, 1, 0.6)
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "results.json").write_text("partial")
+    build_report(tmp_path, plots=False)
+    assert len(read_csv(tmp_path / "report" / "summary.csv")) == 1
+
+
+def test_plots_and_markdown_tables(tmp_path):
+    for seed in (1, 2):
+        for shots in (1, 2):
+            write_run(tmp_path, seed, 0.5 + 0.05 * shots + 0.01 * seed, experiment=1, shots=shots)
+            last = write_run(tmp_path, seed, 0.6 + 0.05 * shots + 0.01 * seed, experiment=2, shots=shots)
+        for pct in (10.0, 50.0):
+            write_run(tmp_path, seed, 0.7 + pct / 1000, experiment=3, shots=0, percentage=pct)
+    out = tmp_path / "rep"
+    files = build_report(tmp_path, out=out, confusion=last, n_resamples=500)
+    names = {f.name for f in files}
+    assert {"balanced_accuracy_vs_shots_demo.png", "balanced_accuracy_vs_percentage_demo.png",
+            "linear_vs_lora_demo.png", "report.md"} <= names
+    confusion = [f for f in files if f.name.startswith("confusion_")]
+    assert len(confusion) == 1
+    for png in (f for f in files if f.suffix == ".png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert "| Model | Method | K=1 | K=2 | 10% | 50% |" in md
+    assert "| tiny_clip | linear | 56.5 ± 6.4 | 61.5 ± 6.4 |  |  |" in md  # mean of 0.56, 0.57 ± 12.706 * 0.005
+    assert "lora - linear" in md
+
+
+def test_confusion_of_a_missing_run_is_a_user_error(tmp_path):
+    write_run(tmp_path, 1, 0.6)
+    done = report_cli(str(tmp_path), "--confusion", str(tmp_path / "nowhere"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "nowhere" in done.stderr
