@@ -1,0 +1,20 @@
+"""Foundation-model registry: load a model by key with its preprocessing, feature size and encoders.
+
+    spec = load_model("clip", backbone="ViT-B/16")          # hub weights
+    spec = load_model("uni", weights="/data/uni")             # a local file or folder
+    spec = load_model("timm:resnet50", weights="random")      # any timm architecture
+"""
+
+from models import catalog  # noqa: F401  (registers the built-in keys)
+from models.errors import ModelError
+from models.registry import Entry, Request, entries, load_model, model_names, register, unregister
+from models.spec import ModelSpec, count_parameters, describe
+from models.weights import BUILTIN, RANDOM
+
+MODEL_NAMES: tuple[str, ...] = model_names()
+TIMM_PREFIX = "timm:"
+
+__all__ = [
+    "BUILTIN", "MODEL_NAMES", "RANDOM", "TIMM_PREFIX", "Entry", "ModelError", "ModelSpec", "Request",
+    "count_parameters", "describe", "entries", "load_model", "model_names", "register", "unregister",
+]
