@@ -34,9 +34,24 @@ class ResizedImages(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        """(image, label, error): a decoding error travels as text, so that a data-loader worker
+        hands it back as the one-line message it is rather than as a worker traceback."""
+        from datasets import DatasetError
+
         path, label = self.samples[index]
-        return decode_resized(path, self.size), label
+        try:
+            return decode_resized(path, self.size), label, ""
+        except DatasetError as exc:
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), label, str(exc)
+
+
+def _raise_errors(errors) -> None:
+    from datasets import DatasetError
+
+    for message in errors:
+        if message:
+            raise DatasetError(message)
 
 
 def _loader(dataset: Dataset, batch_size: int, num_workers: int, sampler=None) -> DataLoader:
@@ -64,7 +79,8 @@ def load_all(
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
     start = 0
     loader = _loader(dataset, batch_size=64, num_workers=num_workers)
-    for batch, _ in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for batch, _, errors in tqdm(loader, desc=desc, unit="batch", leave=False):
+        _raise_errors(errors)
         images[start : start + len(batch)] = batch
         start += len(batch)
     return images, labels
@@ -76,7 +92,8 @@ def iterate_batches(
     """Stream a split in order as uint8 batches, for sets too large to keep in memory."""
     dataset = ResizedImages(samples, size)
     loader = _loader(dataset, batch_size=batch_size, num_workers=num_workers)
-    for images, labels in loader:
+    for images, labels, errors in loader:
+        _raise_errors(errors)
         yield images, torch.as_tensor(labels, dtype=torch.int64)
 
 
@@ -104,7 +121,9 @@ class IndexedBatches:
             return
         dataset = _BatchByIndex(ResizedImages(self.samples, self.size))
         loader = _loader(dataset, batch_size=1, num_workers=self.num_workers, sampler=index_lists)
-        yield from loader
+        for images, labels, errors in loader:
+            _raise_errors(errors)
+            yield images, labels
 
 
 class _BatchByIndex(Dataset):
@@ -116,8 +135,8 @@ class _BatchByIndex(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         items = [self.base[i] for i in indices]
-        images = torch.stack([im for im, _ in items])
-        labels = torch.tensor([label for _, label in items], dtype=torch.int64)
-        return images, labels
+        images = torch.stack([im for im, _, _ in items])
+        labels = torch.tensor([label for _, label, _ in items], dtype=torch.int64)
+        return images, labels, [error for _, _, error in items]

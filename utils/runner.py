@@ -162,12 +162,14 @@ def prepare_context(config: RunConfig) -> Context | None:
     return Context(config, out, split, spec, device, precision)
 
 
-def start_run_folder(ctx: Context) -> None:
-    """Create the run folder; with --overwrite drop an earlier run's checkpoint, never its results."""
-    ctx.out.mkdir(parents=True, exist_ok=True)
+def start_run(ctx: Context) -> None:
+    """With --overwrite, training starts afresh: an earlier checkpoint is dropped, results stay until replaced.
+
+    The run folder itself appears with the first checkpoint or the final results, so a run
+    stopped by a user mistake leaves nothing behind.
+    """
     if ctx.config.overwrite:
         (ctx.out / CHECKPOINT_FILE).unlink(missing_ok=True)
-    ctx.split.write_manifest(ctx.out / SPLIT_FILE)
 
 
 def evaluate(ctx: Context, module: nn.Module, samples, name: str) -> dict:
@@ -222,6 +224,9 @@ def write_results(ctx: Context, metrics: dict, stats: TrainStats | None, trainab
     }
     record.update(extra or {})
     path = path or ctx.out / RESULTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name == RESULTS_FILE:
+        split.write_manifest(ctx.out / SPLIT_FILE)
     write_json_atomic(path, record)
     return path
 
@@ -285,7 +290,7 @@ def run_linear(config: RunConfig) -> int:
         head.weight.data.copy_(torch.nn.functional.normalize(text, dim=-1).cpu())
         head.bias.data.zero_()
     head.to(ctx.device)
-    start_run_folder(ctx)
+    start_run(ctx)
     x_train, y_train = feats["train"]
     per_epoch = max(len(y_train) // c.batch_size, 1)
     settings = _settings(c, ctx, c.warmup_steps + c.n_iters * per_epoch)
@@ -305,6 +310,7 @@ def run_linear(config: RunConfig) -> int:
             x, y = feats[part]
             probs, labels = predict(head, iter([(x, y)]), lambda t: t, ctx.device, "fp32", 1, desc=f"eval {part}")
             metrics[part] = compute_metrics(probs.numpy(), labels.numpy(), split.classes)
+    ctx.out.mkdir(parents=True, exist_ok=True)
     _save_head(head, ctx.out / HEAD_FILE, split.classes)
     trainable, _ = count_parameters(head)
     total = trainable + sum(p.numel() for p in spec.model.parameters())
@@ -354,8 +360,8 @@ def run_lora(config: RunConfig) -> int:
     module = ImageClassifier(spec, head).to(ctx.device)
     if c.eval_only:
         return _eval_only(ctx, module, load_lora)
-    start_run_folder(ctx)
     data = img.IndexedBatches(split.train, spec.input_size, c.num_workers)
+    start_run(ctx)
     settings = _settings(c, ctx, lora_steps(c, len(split.train)))
     tracker = start_tracking(c.wandb, c.to_dict(), ctx.out, ctx.out.as_posix())
     trainer = Trainer(module, settings, ctx.out, fingerprint(c))
@@ -369,6 +375,7 @@ def run_lora(config: RunConfig) -> int:
     stats = trainer.fit(batches, lambda x, g: augment_batch(x, mean, std, g), log=tracker.log, desc="train LoRA")
     metrics = {part: evaluate(ctx, module, getattr(split, part), part) for part in ("val", "test")}
     metrics = {k: v for k, v in metrics.items() if v}
+    ctx.out.mkdir(parents=True, exist_ok=True)
     save_lora(spec.model, ctx.out / LORA_FILE, lora_settings(c))
     _save_head(head, ctx.out / HEAD_FILE, split.classes)
     trainable, total = count_parameters(module)

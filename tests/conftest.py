@@ -1,0 +1,76 @@
+"""Test session setup: offline, private caches, and small on-disk image fixtures."""
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def pytest_configure(config):
+    # Everything runs offline and writes only below the pytest temporary folder.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    # small models run fastest on one thread, and the suite stays quick on a busy machine
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cache = Path(config.rootpath) / ".pytest_cache" / "cytolora-cache"
+    os.environ["CYTOLORA_CACHE"] = str(cache)
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+
+
+COLOURS = {"blue": (40, 60, 200), "red": (200, 50, 40), "green-ish": (50, 180, 70)}
+
+
+def write_cell(path: Path, colour, rng: np.random.Generator, size: int = 16) -> None:
+    """A small noisy image of one dominant colour."""
+    base = np.array(colour, dtype=float)
+    pixels = np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def make_folder_dataset(root: Path, per_split=None, ext: str = "png", seed: int = 0) -> Path:
+    """`<root>/<split>/<class>_<n>.<ext>` with three colour-coded classes."""
+    per_split = per_split or {"train": 6, "val": 3, "test": 4}
+    rng = np.random.default_rng(seed)
+    for split, n in per_split.items():
+        for name, colour in COLOURS.items():
+            for i in range(n):
+                write_cell(root / split / f"{name}_{i}.{ext}", colour, rng)
+    return root
+
+
+def make_hicervix(root: Path, seed: int = 0) -> Path:
+    """HiCervix layout: `<root>/<split>/*.jpg` and `<root>/<split>.csv` with a three-level hierarchy."""
+    rng = np.random.default_rng(seed)
+    # (level_1, level_2, level_3) with gaps filled by the hierarchy fallback
+    kinds = [("NILM", "", ""), ("ASC", "ASC-US", ""), ("ASC", "ASC-H", "ASC-H"), ("ASC", "HSIL", "HSIL")]
+    colours = [(40, 60, 200), (200, 50, 40), (50, 180, 70), (200, 200, 40)]
+    counts = {"train": 8, "val": 4, "test": 4}
+    for split, n in counts.items():
+        rows = ["image_name,class_name,level_1,level_2,level_3"]
+        for k, (l1, l2, l3) in enumerate(kinds):
+            for i in range(n):
+                name = f"{split}_{k}_{i}.jpg"
+                write_cell(root / split / name, colours[k], rng)
+                rows.append(f"{name},{l3 or l2 or l1},{l1},{l2},{l3}")
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def folder_root(tmp_path_factory) -> Path:
+    return make_folder_dataset(tmp_path_factory.mktemp("folder_data"))
+
+
+@pytest.fixture(scope="session")
+def hicervix_root(tmp_path_factory) -> Path:
+    return make_hicervix(tmp_path_factory.mktemp("hicervix_data"))

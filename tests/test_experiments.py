@@ -1,0 +1,153 @@
+"""The three experiments end to end through main.py and main_lora.py on tiny fixtures."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+TINY = ["--model_name", "tiny_clip", "--device", "cpu", "--num_workers", "0", "--batch_size", "8"]
+METRIC_KEYS = {"accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece", "per_class_recall", "confusion_matrix"}
+
+
+def run(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def results_in(folder: Path, name: str = "results.json") -> list[Path]:
+    return sorted(folder.rglob(name))
+
+
+def only_result(folder: Path) -> dict:
+    found = results_in(folder)
+    assert len(found) == 1, found
+    return json.loads(found[0].read_text())
+
+
+def check_schema(r: dict, experiment: int) -> None:
+    for key in ("experiment", "dataset", "model_name", "seed", "shots", "percentage", "level", "config",
+                "n_train", "n_val", "n_test", "split_sha256", "trainable_params", "total_params", "metrics",
+                "timing", "env"):
+        assert key in r, key
+    assert r["experiment"] == experiment
+    assert set(r["config"]) >= {"lr", "n_iters", "batch_size", "r", "alpha", "params", "position", "encoder"}
+    for part in ("val", "test"):
+        m = r["metrics"][part]
+        assert METRIC_KEYS <= set(m)
+        for k in ("accuracy", "balanced_accuracy", "macro_f1", "ece"):
+            assert 0.0 <= m[k] <= 1.0
+        assert sum(map(sum, m["confusion_matrix"])) == m["n"]
+    assert r["metrics"]["test"]["n"] == r["n_test"]
+    assert r["timing"]["train_seconds"] > 0 and r["timing"]["images_per_second"] > 0
+    assert {"torch", "timm", "open_clip_torch", "device", "precision", "git_commit"} <= set(r["env"])
+    assert 0 < r["trainable_params"] < r["total_params"]
+    assert len(r["split_sha256"]) == 64
+
+
+@pytest.fixture(scope="module")
+def lora_run(folder_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora_out")
+    p = run("main_lora.py", "--root_path", str(folder_root), "--dataset", "folder", "--shots", "4",
+            "--n_iters", "2", "--params", "q v", "--output_dir", str(out), *TINY)
+    assert p.returncode == 0, p.stderr
+    return out, p
+
+
+def test_experiment_1_linear_head(folder_root, tmp_path):
+    p = run("main.py", "--root_path", str(folder_root), "--dataset", "folder", "--shots", "4",
+            "--n_iters", "5", "--output_dir", str(tmp_path), *TINY)
+    assert p.returncode == 0, p.stderr
+    r = only_result(tmp_path)
+    check_schema(r, 1)
+    assert r["method"] == "linear" and r["n_train"] == 12 and r["n_val"] == 9 and r["n_test"] == 12
+    # the head alone trains: feature_dim x classes weights + biases
+    assert r["trainable_params"] == (r["model"]["feature_dim"] + 1) * 3
+    assert (results_in(tmp_path)[0].parent / "head.safetensors").is_file()
+
+
+def test_experiment_1_textual_head_starts_from_text_embeddings(folder_root, tmp_path):
+    p = run("main.py", "--root_path", str(folder_root), "--dataset", "folder", "--shots", "2",
+            "--n_iters", "1", "--textual", "True", "--output_dir", str(tmp_path), *TINY)
+    assert p.returncode == 0, p.stderr
+    r = only_result(tmp_path)
+    assert r["config"]["textual"] is True
+    assert "linear-textual" in str(results_in(tmp_path)[0])
+
+
+def test_experiment_2_lora_few_shot(lora_run):
+    out, _ = lora_run
+    r = only_result(out)
+    check_schema(r, 2)
+    assert r["method"] == "lora" and r["config"]["params"] == ["q", "v"]
+    folder = results_in(out)[0].parent
+    assert (folder / "lora.safetensors").is_file() and (folder / "head.safetensors").is_file()
+    assert not (folder / "checkpoint.pt").exists()
+    # paper's budget: 50 warmup steps + n_iters x shots
+    assert r["timing"]["train_steps"] == 50 + 2 * 4
+
+
+def test_eval_only_reload_gives_the_same_metrics(lora_run, folder_root):
+    out, _ = lora_run
+    folder = results_in(out)[0].parent
+    p = run("main_lora.py", "--root_path", str(folder_root), "--dataset", "folder", "--shots", "4",
+            "--n_iters", "2", "--params", "q", "v", "--output_dir", str(out), "--eval_only",
+            "--lora_path", str(folder), *TINY)
+    assert p.returncode == 0, p.stderr
+    trained = json.loads((folder / "results.json").read_text())["metrics"]
+    reloaded = json.loads((folder / "eval_results.json").read_text())["metrics"]
+    for part in ("val", "test"):
+        assert reloaded[part]["confusion_matrix"] == trained[part]["confusion_matrix"]
+        assert reloaded[part]["balanced_accuracy"] == pytest.approx(trained[part]["balanced_accuracy"])
+        assert reloaded[part]["ece"] == pytest.approx(trained[part]["ece"], abs=1e-6)
+
+
+def test_eval_only_with_other_lora_settings_is_refused(lora_run, folder_root):
+    out, _ = lora_run
+    folder = results_in(out)[0].parent
+    p = run("main_lora.py", "--root_path", str(folder_root), "--dataset", "folder", "--shots", "4",
+            "--params", "q", "v", "--r", "4", "--output_dir", str(out), "--eval_only", "--lora_path", str(folder),
+            "--overwrite", *TINY)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "r" in p.stderr.splitlines()[-1]
+
+
+def test_finished_run_is_never_overwritten(lora_run, folder_root):
+    out, _ = lora_run
+    path = results_in(out)[0]
+    before = path.read_bytes()
+    args = ["--root_path", str(folder_root), "--dataset", "folder", "--shots", "4", "--n_iters", "2",
+            "--params", "qv", "--output_dir", str(out), *TINY]
+    p = run("main_lora.py", *args)
+    assert p.returncode == 0 and "already finished" in p.stdout
+    assert path.read_bytes() == before
+    p = run("main_lora.py", *args, "--overwrite")
+    assert p.returncode == 0, p.stderr
+    assert path.read_bytes() != before
+    assert len(results_in(out)) == 1
+
+
+def test_experiment_3_percentage_on_hicervix_layout(hicervix_root, tmp_path):
+    p = run("main_lora.py", "--root_path", str(hicervix_root), "--dataset", "hicervix", "--shots", "0",
+            "--pourcentage", "50", "--level", "level_2", "--n_iters", "2", "--params", "q", "k", "v", "o",
+            "--r", "4", "--output_dir", str(tmp_path), *TINY)
+    assert p.returncode == 0, p.stderr
+    r = only_result(tmp_path)
+    check_schema(r, 3)
+    assert r["percentage"] == 50 and r["level"] == "level_2"
+    # level_2 classes: NILM falls back to its level_1 label
+    assert r["classes"] == ["ASC-H", "ASC-US", "HSIL", "NILM"]
+    assert r["n_train"] == 4 * 4 and r["n_test"] == 4 * 4
+    # n_iters epochs of n_train // batch_size steps after the warmup
+    assert r["timing"]["train_steps"] == 50 + 2 * (16 // 8)
+
+
+@pytest.mark.parametrize("form", [["q v"], ["q", "v"], ["qv"]])
+def test_params_forms_all_apply_lora(form):
+    from utils.cli import parse_config
+
+    config = parse_config(["--params", *form], lora=True)
+    assert config.params == ("q", "v")

@@ -1,0 +1,168 @@
+"""User mistakes end in one clear line; interrupted runs resume exactly; identical runs agree."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, make_folder_dataset, write_cell
+
+SIPAKMED = ("Dyskeratotic", "Koilocytotic", "Metaplastic", "Parabasal", "Superficial-Intermediate")
+TINY = ["--model_name", "tiny_clip", "--device", "cpu", "--num_workers", "0", "--batch_size", "8"]
+
+
+def run(script, *args, timeout=300):
+    return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def assert_user_error(p: subprocess.CompletedProcess, out: Path, *needles: str) -> None:
+    """Exit 2, one line on stderr that contains each needle, no traceback, nothing written."""
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, p.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert not out.exists() or not any(out.rglob("*")), list(out.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def broken_roots(tmp_path_factory):
+    base = tmp_path_factory.mktemp("broken")
+    empty = make_folder_dataset(base / "empty_test", {"train": 3, "val": 2})
+    (empty / "test").mkdir()
+    stranger = base / "stranger"
+    rng = np.random.default_rng(0)
+    for split in ("train", "val", "test"):
+        for k, name in enumerate(SIPAKMED):
+            write_cell(stranger / "sipakmed" / "images" / split / f"{name}_{k}.bmp", (40 * k, 90, 120), rng)
+    write_cell(stranger / "sipakmed" / "images" / "train" / "red_0.bmp", (200, 50, 40), rng)
+    undecodable = make_folder_dataset(base / "undecodable", {"train": 3, "val": 2, "test": 2})
+    (undecodable / "train" / "red_99.png").write_bytes(b"not an image at all")
+    return {"empty": empty, "stranger": stranger, "undecodable": undecodable}
+
+
+LORA_MISTAKES = {
+    "missing root": (["--dataset", "folder", "--root_path", "/nonexistent/place"], ["/nonexistent/place"]),
+    "unknown dataset": (["--dataset", "imagenet"], ["imagenet", "sipakmed"]),
+    "unknown model": (["--model_name", "resnet9000"], ["resnet9000", "clip"]),
+    "rank below 1": (["--r", "0"], ["--r"]),
+    "unknown params": (["--params", "q", "x"], ["x"]),
+    "weights missing": (["--weights", "/no/such/weights.pt"], ["/no/such/weights.pt"]),
+    "percentage out of range": (["--shots", "0", "--pourcentage", "150"], ["150"]),
+    "shots 0 without percentage": (["--shots", "0"], ["--pourcentage"]),
+    "unknown flag": (["--learning_rate", "1"], ["--learning_rate"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LORA_MISTAKES))
+def test_lora_user_mistakes(case, folder_root, tmp_path):
+    args, needles = LORA_MISTAKES[case]
+    if "--dataset" not in args:
+        args = ["--dataset", "folder", "--root_path", str(folder_root), *args]
+    out = tmp_path / "out"
+    p = run("main_lora.py", *TINY, *args, "--output_dir", str(out))
+    assert_user_error(p, out, *needles)
+
+
+def test_num_classes_disagreeing_with_data(folder_root, tmp_path):
+    out = tmp_path / "out"
+    p = run("main.py", "--root_path", str(folder_root), "--dataset", "folder", "--num_classes", "5",
+            "--output_dir", str(out), *TINY)
+    assert_user_error(p, out, "--num_classes 5", "3 classes")
+
+
+def test_textual_on_a_model_without_text_tower(folder_root, tmp_path):
+    out = tmp_path / "out"
+    p = run("main.py", "--root_path", str(folder_root), "--dataset", "folder", "--textual", "True",
+            "--output_dir", str(out), *TINY[2:], "--model_name", "tiny_vit")
+    assert_user_error(p, out, "tiny_vit", "text")
+
+
+def test_empty_split(broken_roots, tmp_path):
+    out = tmp_path / "out"
+    p = run("main.py", "--root_path", str(broken_roots["empty"]), "--dataset", "folder",
+            "--output_dir", str(out), *TINY)
+    assert_user_error(p, out, "test")
+
+
+def test_file_whose_class_is_not_in_the_dataset(broken_roots, tmp_path):
+    out = tmp_path / "out"
+    p = run("main.py", "--root_path", str(broken_roots["stranger"]), "--dataset", "sipakmed",
+            "--output_dir", str(out), *TINY)
+    assert_user_error(p, out, "red_0.bmp")
+
+
+def test_undecodable_image_is_named(broken_roots, tmp_path):
+    out = tmp_path / "out"
+    p = run("main_lora.py", "--root_path", str(broken_roots["undecodable"]), "--dataset", "folder",
+            "--shots", "-1", "--output_dir", str(out), *TINY)
+    assert_user_error(p, out, "red_99.png")
+
+
+def _resume_args(root, out):
+    return ["--root_path", str(root), "--dataset", "folder", "--shots", "4", "--n_iters", "40",
+            "--checkpoint_every", "5", "--output_dir", str(out), *TINY]
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(folder_root, tmp_path):
+    straight = run("main_lora.py", *_resume_args(folder_root, tmp_path / "a"))
+    assert straight.returncode == 0, straight.stderr
+    expected = json.loads(next((tmp_path / "a").rglob("results.json")).read_text())
+
+    out = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, str(REPO / "main_lora.py"), *_resume_args(folder_root, out)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(out.rglob("checkpoint.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "rerun the same command to resume" in stderr
+    assert not list(out.rglob("results.json"))
+
+    resumed = run("main_lora.py", *_resume_args(folder_root, out))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step" in resumed.stderr
+    got = json.loads(next(out.rglob("results.json")).read_text())
+    assert got["timing"]["resumed_from_step"] > 0
+    assert got["metrics"] == expected["metrics"]
+    assert not list(out.rglob("checkpoint.pt"))
+
+
+def test_non_finite_loss_stops_the_run(folder_root, tmp_path):
+    out = tmp_path / "out"
+    p = run("main.py", "--root_path", str(folder_root), "--dataset", "folder", "--lr", "1e30",
+            "--n_iters", "20", "--output_dir", str(out), *TINY)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "at step" in p.stderr and "--precision fp32" in p.stderr
+    assert not list(out.rglob("results.json"))
+
+
+def test_identical_runs_give_identical_splits_and_metrics(folder_root, tmp_path):
+    results = []
+    for name in ("a", "b"):
+        p = run("main_lora.py", "--root_path", str(folder_root), "--dataset", "folder", "--shots", "2",
+                "--n_iters", "3", "--output_dir", str(tmp_path / name), *TINY)
+        assert p.returncode == 0, p.stderr
+        results.append(json.loads(next((tmp_path / name).rglob("results.json")).read_text()))
+    a, b = results
+    assert a["split_sha256"] == b["split_sha256"]
+    assert a["metrics"] == b["metrics"]
+
+
+def test_a_different_seed_changes_the_split(folder_root):
+    sys.path.insert(0, str(REPO))
+    from datasets import load_split
+
+    a = load_split(str(folder_root), "folder", shots=2, seed=1)
+    b = load_split(str(folder_root), "folder", shots=2, seed=2)
+    assert a.sha256 != b.sha256
+
