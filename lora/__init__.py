@@ -1,0 +1,42 @@
+"""Hand-written LoRA for vision (and text) towers: injection, merging, and adapter files."""
+
+from lora.config import (
+    ENCODERS,
+    PARAM_LETTERS,
+    POSITIONS,
+    SCALINGS,
+    LoRASettings,
+    compute_scale,
+    parse_params,
+)
+from lora.errors import LoRAError
+from lora.inject import apply_lora, block_indices, find_towers, lora_layers
+from lora.io import load_lora, lora_parameters, lora_state_dict, read_lora_settings, save_lora
+from lora.layers import LoRAConv2d, LoRAFusedLinear, LoRALinear, LoRAModule, LoRAMultiheadAttention
+from lora.merge import merge_lora
+
+__all__ = [
+    "ENCODERS",
+    "PARAM_LETTERS",
+    "POSITIONS",
+    "SCALINGS",
+    "LoRAConv2d",
+    "LoRAError",
+    "LoRAFusedLinear",
+    "LoRALinear",
+    "LoRAModule",
+    "LoRAMultiheadAttention",
+    "LoRASettings",
+    "apply_lora",
+    "block_indices",
+    "compute_scale",
+    "find_towers",
+    "load_lora",
+    "lora_layers",
+    "lora_parameters",
+    "lora_state_dict",
+    "merge_lora",
+    "parse_params",
+    "read_lora_settings",
+    "save_lora",
+]

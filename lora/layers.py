@@ -1,0 +1,348 @@
+"""LoRA layers: ``W x + s * B(A(dropout(x)))`` on Linears, fused q/k/v projections and 1x1 convolutions.
+
+Every layer keeps the base parameters under their original names (so state_dict keys of the base
+model do not change) and adds ``lora_A*`` / ``lora_B*`` parameters. The original module is kept
+aside and handed back, with the update folded into its weights, by ``merged()``.
+
+Speed rules followed here: ``B @ A`` is never formed in forward or backward; a fused projection
+stays one dense matmul, and the selected q/k/v slices share one dropout and one matmul with all
+their ``A`` matrices stacked; the low-rank result is added with one ``addmm`` pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+QKV = ("q", "k", "v")
+
+
+def _new_pair(r: int, in_features: int, out_features: int, like: Tensor) -> tuple[nn.Parameter, nn.Parameter]:
+    """A initialised like nn.Linear's default weight, B zeros: the update starts at exactly zero."""
+    a = torch.empty(r, in_features, device=like.device, dtype=like.dtype)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    b = torch.zeros(out_features, r, device=like.device, dtype=like.dtype)
+    return nn.Parameter(a), nn.Parameter(b)
+
+
+def _keep_mask(x: Tensor, rate: float) -> Tensor:
+    """Float 0/1 mask keeping each entry with probability 1 - rate (float, so no conversion pass later)."""
+    return torch.rand_like(x).ge_(rate)
+
+
+def low_rank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, bt: Tensor, scale: float,
+                    dropout_rate: float) -> Tensor:
+    """``x @ weight.T + bias + scale * dropout(x) @ a.T @ bt``, the dense matmul done once.
+
+    ``bt`` is B transposed, (rank, out), contiguous: that keeps both backward products of the update
+    (``grad @ bt.T`` and ``h.T @ grad``) on fast matmul layouts; a transposed view would make autograd
+    compute ``(grad.T @ h).T``, several times slower. The update is added in place (``addmm_``) to
+    the dense result, which no backward needs, so no extra output-sized tensor is written.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    out = F.linear(flat, weight, bias)
+    factor = 1.0
+    if dropout_rate > 0:  # inverted dropout; its 1 / (1 - p) joins the scalar scale
+        flat = flat * _keep_mask(flat, dropout_rate)
+        factor = 1.0 / (1.0 - dropout_rate)
+    h = F.linear(flat, a)
+    out.addmm_(h.to(out.dtype), bt.to(out.dtype), alpha=scale * factor)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class LoRAModule(nn.Module):
+    """Common part of every LoRA layer: rank, scale, dropout and the letters it adapts."""
+
+    letters: tuple[str, ...]
+
+    def _setup(self, original: nn.Module, r: int, scale: float, dropout_rate: float) -> None:
+        # Kept outside the module tree: its parameters are the very objects registered here.
+        object.__setattr__(self, "_original", original)
+        self.r = r
+        self.scale = float(scale)
+        self.dropout_rate = float(dropout_rate)
+
+    @property
+    def active_dropout(self) -> float:
+        """The dropout rate in force now (0 in eval mode)."""
+        return self.dropout_rate if self.training else 0.0
+
+    def lora_pair(self, letter: str) -> tuple[Tensor, Tensor]:
+        """The (A, B) parameters of one adapted letter."""
+        return self.lora_A, self.lora_B
+
+    def delta(self, letter: str) -> Tensor:
+        """The dense update ``s * B @ A`` of one letter (for merging and checks only, never in training)."""
+        a, b = self.lora_pair(letter)
+        return (b.float() @ a.float()) * self.scale
+
+    def merged(self) -> nn.Module:
+        """The original module, with the low-rank update folded into its weights."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"letters={'+'.join(self.letters)}, r={self.r}, scale={self.scale:.4g}, dropout={self.dropout_rate}"
+
+
+class LoRALinear(LoRAModule):
+    """A Linear (q, k, v or o projection) plus a low-rank update."""
+
+    def __init__(self, base: nn.Linear, letter: str, r: int, scale: float, dropout_rate: float) -> None:
+        super().__init__()
+        self._setup(base, r, scale, dropout_rate)
+        self.letters = (letter,)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.lora_A, self.lora_B = _new_pair(r, base.in_features, base.out_features, base.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return low_rank_linear(x, self.weight, self.bias, self.lora_A, self.lora_B.t().contiguous(), self.scale,
+                               self.active_dropout)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Module:
+        base = self._original
+        base.weight, base.bias = self.weight, self.bias
+        base.weight.add_(self.delta(self.letters[0]).to(base.weight.dtype))
+        return base
+
+
+class LoRAConv2d(LoRAModule):
+    """A 1x1 channel-mixing convolution plus a low-rank update (two 1x1 convolutions through r channels)."""
+
+    def __init__(self, base: nn.Conv2d, r: int, scale: float, dropout_rate: float) -> None:
+        super().__init__()
+        self._setup(base, r, scale, dropout_rate)
+        self.letters = ("pw",)
+        self.in_channels, self.out_channels = base.in_channels, base.out_channels
+        self.weight = base.weight
+        self.bias = base.bias
+        self.lora_A, self.lora_B = _new_pair(r, base.in_channels, base.out_channels, base.weight)
+
+    def _base(self) -> nn.Conv2d:
+        base = self._original
+        # The base keeps its own forward (e.g. timm's dynamic 'same' padding); point it at our parameters.
+        if base.weight is not self.weight or base.bias is not self.bias:
+            base.weight, base.bias = self.weight, self.bias
+        return base
+
+    def forward(self, x: Tensor) -> Tensor:
+        base = self._base()
+        out = base(x)
+        a = self.lora_A.view(self.r, self.in_channels, 1, 1)
+        padding = base.padding if base.padding_mode == "zeros" else 0
+        rate = self.active_dropout
+        kept = x * _keep_mask(x, rate) if rate > 0 else x
+        h = F.conv2d(kept, a, stride=base.stride, padding=padding)
+        b = (self.lora_B * (self.scale / (1.0 - rate))).view(self.out_channels, self.r, 1, 1)
+        return out + F.conv2d(h, b)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Module:
+        base = self._base()
+        base.weight[:, :, 0, 0] += self.delta("pw").to(base.weight.dtype)
+        return base
+
+
+class FusedLoRAMixin(LoRAModule):
+    """Low-rank updates on some of the q/k/v row blocks of one fused projection matrix."""
+
+    def _setup_fused(self, letters: tuple[str, ...], rows: int, in_features: int, like: Tensor) -> None:
+        self.letters = tuple(letter for letter in QKV if letter in letters)
+        self.rows = rows  # rows of each of the q, k, v blocks
+        for letter in self.letters:
+            a, b = _new_pair(self.r, in_features, rows, like)
+            setattr(self, f"lora_A_{letter}", a)
+            setattr(self, f"lora_B_{letter}", b)
+
+    def lora_pair(self, letter: str) -> tuple[Tensor, Tensor]:
+        """The (A, B) parameters of one adapted letter."""
+        return getattr(self, f"lora_A_{letter}"), getattr(self, f"lora_B_{letter}")
+
+    def _zeros(self, rows: int) -> Tensor:
+        ref = self.lora_pair(self.letters[0])[1]
+        return torch.zeros(rows, self.rows, dtype=ref.dtype, device=ref.device)
+
+    def _stacked_bt(self, groups: tuple[str, ...], chosen: list[str]) -> Tensor:
+        """B.T of the chosen letters on their column blocks, zeros elsewhere: (n * r, len(groups) * rows).
+
+        Block-diagonal in the rank dimension, so one addmm adds every letter's update to its own rows.
+        Built from tiny tensors each call (cheap) so that autograd gives each B its own gradient.
+        """
+        n, r = len(chosen), self.r
+        columns = []
+        for group in groups:
+            if group not in chosen:
+                columns.append(self._zeros(n * r))
+                continue
+            i = chosen.index(group)
+            parts = [self._zeros(i * r)] if i else []
+            parts.append(self.lora_pair(group)[1].t())
+            parts += [self._zeros((n - 1 - i) * r)] if i < n - 1 else []
+            columns.append(torch.cat(parts, dim=0) if len(parts) > 1 else parts[0])
+        return torch.cat(columns, dim=1) if len(columns) > 1 else columns[0].contiguous()
+
+    def project(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: tuple[str, ...]) -> Tensor:
+        """``x @ weight.T + bias`` for the row blocks ``groups`` plus their low-rank updates, fused."""
+        chosen = [g for g in groups if g in self.letters]
+        if not chosen:
+            return F.linear(x, weight, bias)
+        # one dropout and one matmul with every chosen A stacked, for all letters sharing this input
+        a = torch.cat([self.lora_pair(g)[0] for g in chosen]) if len(chosen) > 1 else self.lora_pair(chosen[0])[0]
+        return low_rank_linear(x, weight, bias, a, self._stacked_bt(groups, chosen), self.scale, self.active_dropout)
+
+    @torch.no_grad()
+    def _merge_rows(self, weight: Tensor) -> None:
+        for j, letter in enumerate(QKV):
+            if letter in self.letters:
+                weight[j * self.rows:(j + 1) * self.rows] += self.delta(letter).to(weight.dtype)
+
+
+class LoRAFusedLinear(FusedLoRAMixin):
+    """A fused qkv Linear (timm ``Attention.qkv``): one dense matmul plus low-rank updates on chosen slices."""
+
+    def __init__(self, base: nn.Linear, letters: tuple[str, ...], r: int, scale: float, dropout_rate: float) -> None:
+        super().__init__()
+        self._setup(base, r, scale, dropout_rate)
+        if base.out_features % 3:
+            raise ValueError(f"fused qkv Linear has {base.out_features} outputs, not a multiple of 3")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self._setup_fused(letters, base.out_features // 3, base.in_features, base.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.project(x, self.weight, self.bias, QKV)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Module:
+        base = self._original
+        base.weight, base.bias = self.weight, self.bias
+        self._merge_rows(base.weight)
+        return base
+
+
+def _additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """nn.MultiheadAttention masks (bool True = blocked, or float added) as a float additive mask."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+class LoRAMultiheadAttention(FusedLoRAMixin):
+    """Drop-in for ``nn.MultiheadAttention`` (fused ``in_proj_weight``) with LoRA on q/k/v and optionally o.
+
+    Same call signature and outputs as the original; one matmul for q, k and v, the low-rank paths of
+    the chosen letters, and ``scaled_dot_product_attention`` when attention weights are not asked for.
+    """
+
+    def __init__(self, base: nn.MultiheadAttention, letters: tuple[str, ...], r: int, scale: float,
+                 dropout_rate: float) -> None:
+        super().__init__()
+        self._setup(base, r, scale, dropout_rate)
+        self.embed_dim, self.num_heads = base.embed_dim, base.num_heads
+        self.head_dim = base.embed_dim // base.num_heads
+        self.kdim, self.vdim = base.kdim, base.vdim
+        self._qkv_same_embed_dim = True
+        self.batch_first = base.batch_first
+        self.dropout = base.dropout
+        self.bias_k = self.bias_v = None
+        self.add_zero_attn = False
+        self.in_proj_weight = base.in_proj_weight
+        self.in_proj_bias = base.in_proj_bias
+        self.out_proj = LoRALinear(base.out_proj, "o", r, scale, dropout_rate) if "o" in letters else base.out_proj
+        self._setup_fused(letters, base.embed_dim, base.embed_dim, base.in_proj_weight)
+        if "o" in letters:
+            self.letters = (*self.letters, "o")
+
+    def _to_heads(self, t: Tensor) -> Tensor:
+        """(B, L, E) or (L, B, E) -> (B, H, L, head_dim), a view."""
+        if self.batch_first:
+            return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        return t.unflatten(-1, (self.num_heads, self.head_dim)).permute(1, 2, 0, 3)
+
+    def _heads_of(self, x: Tensor, groups: tuple[str, ...]) -> tuple[Tensor, ...]:
+        """Project ``x`` with the in_proj row blocks ``groups`` (one matmul) and split into heads."""
+        first = QKV.index(groups[0])
+        rows = slice(first * self.embed_dim, (first + len(groups)) * self.embed_dim)
+        bias = None if self.in_proj_bias is None else self.in_proj_bias[rows]
+        out = self.project(x, self.in_proj_weight[rows], bias, groups)
+        # split (not unbind of a 5-d view): its backward is one cat straight into the layout of `out`
+        return tuple(self._to_heads(t) for t in out.split(self.embed_dim, dim=-1))
+
+    def _qkv(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, ...]:
+        if query is key and key is value:  # self-attention: one fused projection
+            return self._heads_of(query, QKV)
+        if key is value:
+            return self._heads_of(query, ("q",)) + self._heads_of(key, ("k", "v"))
+        return self._heads_of(query, ("q",)) + self._heads_of(key, ("k",)) + self._heads_of(value, ("v",))
+
+    def _batched(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        dim = 0 if self.batch_first else 1
+        q = query.unsqueeze(dim)
+        k = q if key is query else key.unsqueeze(dim)
+        v = k if value is key else value.unsqueeze(dim)
+        return q, k, v
+
+    def _mask(self, attn_mask: Tensor | None, key_padding_mask: Tensor | None, n: int, dtype: torch.dtype
+              ) -> Tensor | None:
+        mask = None
+        if attn_mask is not None:
+            mask = _additive_mask(attn_mask, dtype)
+            if mask.dim() == 3:  # (N * heads, L, S)
+                mask = mask.view(n, self.num_heads, *mask.shape[-2:])
+        if key_padding_mask is not None:
+            pad = _additive_mask(key_padding_mask, dtype).view(n, 1, 1, -1)
+            mask = pad if mask is None else mask + pad
+        return mask
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        unbatched = query.dim() == 2
+        if unbatched:  # (L, E): add a batch of one where the layout expects it
+            query, key, value = self._batched(query, key, value)
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+        n = query.shape[0] if self.batch_first else query.shape[1]
+        q, k, v = self._qkv(query, key, value)
+        causal = is_causal and attn_mask is None and key_padding_mask is None and not need_weights
+        if is_causal and attn_mask is None and not causal:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint.")
+        mask = None if causal else self._mask(attn_mask, key_padding_mask, n, q.dtype)
+        p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
+            weights = (scores if mask is None else scores + mask).softmax(dim=-1)
+            weights = F.dropout(weights, p, True) if p > 0 else weights  # returned dropped, as torch does
+            out = weights @ v
+            weights = weights.mean(dim=1) if average_attn_weights else weights
+            weights = weights.squeeze(0) if unbatched else weights
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        # (B, H, L, hd) -> the input's layout, then the output projection
+        out = out.transpose(1, 2).flatten(2) if self.batch_first else out.permute(2, 0, 1, 3).flatten(2)
+        out = self.out_proj(out)
+        if unbatched:
+            out = out.squeeze(0 if self.batch_first else 1)
+        return out, weights
+
+    def lora_pair(self, letter: str) -> tuple[Tensor, Tensor]:
+        """The (A, B) parameters of one adapted letter ('o' lives on the output projection)."""
+        return self.out_proj.lora_pair("o") if letter == "o" else super().lora_pair(letter)
+
+    def delta(self, letter: str) -> Tensor:
+        """The dense update of one letter, with the scale of the layer holding it."""
+        return self.out_proj.delta("o") if letter == "o" else super().delta(letter)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Module:
+        base = self._original
+        base.in_proj_weight, base.in_proj_bias = self.in_proj_weight, self.in_proj_bias
+        self._merge_rows(base.in_proj_weight)
+        base.out_proj = self.out_proj.merged() if isinstance(self.out_proj, LoRAModule) else self.out_proj
+        return base
