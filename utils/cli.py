@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from utils.config import RunConfig
-from utils.errors import UserError
+from utils.errors import UserError, exit_status
 
 DEMO_BANNER = (
     "SYNTHETIC DEMO: generated cell images and a small randomly initialised model, run offline. "
@@ -41,7 +41,7 @@ def build_parser(lora: bool) -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--root_path", default=d.root_path, help="folder holding the datasets")
     g.add_argument("--dataset", default=d.dataset, help="mlcc, bcfc, sipakmed, hicervix, folder or demo")
-    g.add_argument("--level", default=None, help="HiCervix label level: level_1, level_2, level_3 (default), class_name")
+    g.add_argument("--level", default=None, help="HiCervix labels: level_1, level_2, level_3 (default), class_name")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--shots", type=int, default=d.shots, help="images per class; -1 = all; 0 with --pourcentage")
     g.add_argument("--num_classes", type=int, default=None, help="optional; checked against the data")
@@ -110,7 +110,9 @@ def parse_config(argv: Sequence[str] | None, lora: bool) -> RunConfig:
 def _validate(config: RunConfig, lora: bool) -> None:
     """Checks that need no data or model; the rest happens where the data and model are known."""
     if config.shots < -1:
-        raise UserError(f"--shots {config.shots} is invalid: use K > 0 images per class, -1 for all, or 0 with --pourcentage")
+        raise UserError(
+            f"--shots {config.shots} is invalid: use K > 0 images per class, -1 for all, or 0 with --pourcentage"
+        )
     if config.shots == 0 and config.percentage is None:
         raise UserError("--shots 0 needs --pourcentage P (percent of each class, 0 < P <= 100)")
     if config.percentage is not None and not 0 < config.percentage <= 100:
@@ -137,10 +139,7 @@ def run_cli(main: Callable[[], int]) -> int:
     from utils.trainer import TrainingInterrupted
 
     try:
-        return main()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_status(main)
     except TrainingInterrupted as exc:
         where = f"; checkpoint saved to {exc.path}" if exc.path else ""
         print(f"interrupted at step {exc.step}{where}: rerun the same command to resume", file=sys.stderr)

@@ -1,4 +1,7 @@
-"""The one exception type for mistakes a user can fix."""
+"""The one exception type for mistakes a user can fix, and how commands report it."""
+
+import sys
+from collections.abc import Callable
 
 
 class UserError(Exception):
@@ -6,3 +9,12 @@ class UserError(Exception):
 
     Entry points print it as ``error: <message>`` and exit with status 2, without a traceback.
     """
+
+
+def exit_status(main: Callable[[], int]) -> int:
+    """Run a command's main(); a UserError becomes `error: <message>` on stderr and status 2."""
+    try:
+        return main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

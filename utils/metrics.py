@@ -41,7 +41,7 @@ def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: in
     correct = (probs.argmax(axis=1) == y_true).astype(float)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in zip(edges[:-1], edges[1:], strict=False):
         in_bin = (confidence > lo) & (confidence <= hi)
         if in_bin.any():
             ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
@@ -81,6 +81,6 @@ def compute_metrics(probs: np.ndarray, y_true: np.ndarray, class_names: list[str
         "macro_f1": macro_f1(cm),
         "auroc": macro_auroc(probs, y_true, num_classes),
         "ece": expected_calibration_error(probs, y_true),
-        "per_class_recall": {name: _finite_or_none(r) for name, r in zip(class_names, recall)},
+        "per_class_recall": {name: _finite_or_none(r) for name, r in zip(class_names, recall, strict=False)},
         "confusion_matrix": cm.tolist(),
     }

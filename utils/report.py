@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.config import RESULTS_FILE, RunConfig, data_label, method_label, model_label
-from utils.errors import UserError
+from utils.errors import UserError, exit_status
 from utils.stats import Summary, paired_bootstrap, summarize
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece")
@@ -685,12 +685,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bootstrap_seed", type=int, default=0)
     parser.add_argument("--no_plots", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        files = build_report(args.output_dir, args.out, args.confusion, args.skip_invalid,
-                             args.n_resamples, args.bootstrap_seed, not args.no_plots)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: _write(args))
+
+
+def _write(args: argparse.Namespace) -> int:
+    files = build_report(args.output_dir, args.out, args.confusion, args.skip_invalid,
+                         args.n_resamples, args.bootstrap_seed, not args.no_plots)
     print(f"report written to {files[-1].parent}:")
     for path in files:
         print(f"  {path.name}")

@@ -264,6 +264,19 @@ def _load_head(head: nn.Linear, path: Path, classes: list[str]) -> None:
     head.load_state_dict(load_file(str(path)))
 
 
+def finish_run(ctx: Context, head: nn.Linear, trainer: Trainer, tracker, metrics: dict, stats: TrainStats,
+               trainable: int, total: int) -> int:
+    """Save the head, write results.json last, then drop the checkpoint and report."""
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    _save_head(head, ctx.out / HEAD_FILE, ctx.split.classes)
+    path = write_results(ctx, metrics, stats, trainable, total)
+    trainer.remove_checkpoint()
+    tracker.summary(_flat_metrics(metrics))
+    tracker.finish()
+    report(ctx, metrics, path, stats)
+    return 0
+
+
 # -- experiment 1 -------------------------------------------------------------------------
 def run_linear(config: RunConfig) -> int:
     """Frozen backbone features (cached) and a linear head trained on them."""
@@ -310,16 +323,9 @@ def run_linear(config: RunConfig) -> int:
             x, y = feats[part]
             probs, labels = predict(head, iter([(x, y)]), lambda t: t, ctx.device, "fp32", 1, desc=f"eval {part}")
             metrics[part] = compute_metrics(probs.numpy(), labels.numpy(), split.classes)
-    ctx.out.mkdir(parents=True, exist_ok=True)
-    _save_head(head, ctx.out / HEAD_FILE, split.classes)
     trainable, _ = count_parameters(head)
     total = trainable + sum(p.numel() for p in spec.model.parameters())
-    path = write_results(ctx, metrics, stats, trainable, total)
-    trainer.remove_checkpoint()
-    tracker.summary(_flat_metrics(metrics))
-    tracker.finish()
-    report(ctx, metrics, path, stats)
-    return 0
+    return finish_run(ctx, head, trainer, tracker, metrics, stats, trainable, total)
 
 
 # -- experiments 2 and 3 ------------------------------------------------------------------
@@ -377,14 +383,8 @@ def run_lora(config: RunConfig) -> int:
     metrics = {k: v for k, v in metrics.items() if v}
     ctx.out.mkdir(parents=True, exist_ok=True)
     save_lora(spec.model, ctx.out / LORA_FILE, lora_settings(c))
-    _save_head(head, ctx.out / HEAD_FILE, split.classes)
     trainable, total = count_parameters(module)
-    path = write_results(ctx, metrics, stats, trainable, total)
-    trainer.remove_checkpoint()
-    tracker.summary(_flat_metrics(metrics))
-    tracker.finish()
-    report(ctx, metrics, path, stats)
-    return 0
+    return finish_run(ctx, head, trainer, tracker, metrics, stats, trainable, total)
 
 
 def _eval_only(ctx: Context, module: ImageClassifier, load_lora) -> int:
