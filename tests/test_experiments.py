@@ -151,3 +151,28 @@ def test_params_forms_all_apply_lora(form):
 
     config = parse_config(["--params", *form], lora=True)
     assert config.params == ("q", "v")
+
+
+def test_no_argument_demo_learns_and_says_it_is_synthetic(tmp_path):
+    p = subprocess.run([sys.executable, str(REPO / "main_lora.py")], capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "SYNTHETIC DEMO" in p.stdout and "not a medical result" in p.stdout
+    r = only_result(tmp_path / "results" / "demo")
+    assert r["dataset"] == "demo" and r["model_name"] == "tiny_clip" and r["synthetic_demo"] is True
+    assert r["metrics"]["test"]["balanced_accuracy"] >= 0.7
+
+
+def test_wandb_without_a_login_runs_offline_and_never_asks(folder_root, tmp_path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["HOME"] = str(tmp_path / "home")
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, str(REPO / "main.py"), "--root_path", str(folder_root), "--dataset",
+                        "folder", "--shots", "2", "--n_iters", "2", "--wandb", "--output_dir", str(out), *TINY],
+                       capture_output=True, text=True, timeout=300, cwd=REPO, env=env, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr
+    assert "offline" in p.stderr
+    run_folder = results_in(out)[0].parent
+    assert list((run_folder / "wandb").glob("offline-run-*")), list(run_folder.rglob("*"))
