@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datasets.errors import DatasetError
-from datasets.layouts import DATASET_NAMES, PAPER_LAYOUTS, SPLITS, expected_layout
+from datasets.layouts import DATASET_NAMES, DEFAULT_HICERVIX_LEVEL, PAPER_LAYOUTS, SPLITS, expected_layout
 from datasets.readers import (
     Listing,
     print_notes,
@@ -131,7 +131,7 @@ def load_split(
     (see :func:`datasets.demo.demo_root`). ``level`` applies to hicervix only (default level_3).
     """
     percentage = check_sampling(shots, percentage)
-    level = (level or "level_3") if dataset == "hicervix" else None
+    level = (level or DEFAULT_HICERVIX_LEVEL) if dataset == "hicervix" else None
     listing = list_dataset(root_path, dataset, level)
     print_notes(listing)
     index = {cls: i for i, cls in enumerate(listing.classes)}

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from datasets.layouts import DEFAULT_HICERVIX_LEVEL
+
 Experiment = Literal[1, 2, 3]
 
 RESULTS_FILE = "results.json"
@@ -60,6 +62,14 @@ class RunConfig:
     checkpoint_every: int = 200
     demo: bool = False
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # The label level exists for HiCervix only; normalising it here keeps one folder per run
+        # whether or not --level was given.
+        if self.dataset == "hicervix":
+            self.level = self.level or DEFAULT_HICERVIX_LEVEL
+        else:
+            self.level = None
 
     @property
     def method(self) -> str:
@@ -111,9 +121,7 @@ def data_label(config: RunConfig) -> str:
 
 def run_dir(config: RunConfig) -> Path:
     """The folder of one run, a pure function of the settings that define it."""
-    dataset = config.dataset if not config.level or config.dataset != "hicervix" else (
-        f"{config.dataset}-{config.level}"
-    )
+    dataset = f"{config.dataset}-{config.level}" if config.level else config.dataset
     return (
         Path(config.output_dir)
         / f"exp{config.experiment}"
