@@ -176,3 +176,10 @@ def test_wandb_without_a_login_runs_offline_and_never_asks(folder_root, tmp_path
     assert "offline" in p.stderr
     run_folder = results_in(out)[0].parent
     assert list((run_folder / "wandb").glob("offline-run-*")), list(run_folder.rglob("*"))
+
+
+def test_paper_percentage_zero_means_unused_in_few_shot_mode():
+    from utils.cli import parse_config
+
+    config = parse_config(["--shots", "16", "--pourcentage", "0"], lora=True)
+    assert config.percentage is None and config.experiment == 2

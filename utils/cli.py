@@ -95,6 +95,8 @@ def parse_config(argv: Sequence[str] | None, lora: bool) -> RunConfig:
     if not argv:
         for key, value in _demo_overrides(lora).items():
             setattr(config, key, value)
+    if config.percentage == 0 and config.shots != 0:
+        config.percentage = None  # the paper's scripts pass --pourcentage 0 to mean "not used"
     if lora:
         from lora import parse_params
 
