@@ -1,6 +1,7 @@
 """Test session setup: offline, private caches, and small on-disk image fixtures."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +25,13 @@ def pytest_configure(config):
     os.environ["CYTOLORA_CACHE"] = str(cache)
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
+
+
+def run_datasets_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m datasets ...` from the repository root."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "datasets", *args], check=False, cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
 
 
 COLOURS = {"blue": (40, 60, 200), "red": (200, 50, 40), "green-ish": (50, 180, 70)}

@@ -17,8 +17,8 @@ from PIL import Image
 
 import datasets
 from datasets import DatasetError, load_image, load_split
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+from tests.conftest import run_datasets_cli as run_cli
 
 # Images per class and split of the MLCC fixture: a mix of classes above and below K.
 MLCC_SIZES = {
@@ -348,19 +348,6 @@ def test_load_image_gives_rgb_and_names_an_undecodable_file(tmp_path: Path) -> N
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "datasets", *args],
-        check=False,
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_summary_prints_one_json_document(mlcc_root: Path) -> None:

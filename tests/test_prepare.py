@@ -5,9 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,8 +14,7 @@ from PIL import Image
 
 from datasets import SPLITS, load_split
 from datasets.assign import split_sizes
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import run_datasets_cli as run_cli
 
 
 def write_image(path: Path, value: int) -> None:
@@ -32,19 +29,6 @@ def snapshot(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "datasets", *args],
-        check=False,
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def prepare(*args: str) -> dict:
