@@ -86,7 +86,6 @@ def load_data(config: RunConfig):
             f"--num_classes {config.num_classes} disagrees with the data: {config.dataset} has "
             f"{len(split.classes)} classes ({', '.join(split.classes)}); drop the flag or fix it"
         )
-    config.level = split.level
     return split
 
 
