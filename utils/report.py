@@ -524,14 +524,19 @@ def _curve_points(members: Sequence[Group], varying: Sequence[str],
     return {k: sorted(v, key=lambda p: p[0]) for k, v in curves.items()}
 
 
+def _by_dataset(groups: Sequence[Group]) -> list[tuple[str, list[Group]]]:
+    """Groups gathered per dataset (with its label level), datasets in sorted order."""
+    by_dataset: dict[str, list[Group]] = defaultdict(list)
+    for g in groups:
+        by_dataset[_dataset_name(g.config)].append(g)
+    return sorted(by_dataset.items())
+
+
 def plot_curves(groups: Sequence[Group], varying: Sequence[str], out: Path) -> list[Path]:
     """Test balanced accuracy vs shots (and vs percentage) per dataset, one styled line per arm, CI bands."""
     plt = _pyplot()
     written = []
-    by_dataset: dict[str, list[Group]] = defaultdict(list)
-    for g in groups:
-        by_dataset[_dataset_name(g.config)].append(g)
-    for dataset, members in sorted(by_dataset.items()):
+    for dataset, members in _by_dataset(groups):
         for percentage, axis in ((False, "shots per class (K)"), (True, "% of training data")):
             curves = _curve_points(members, varying, percentage)
             if not curves:
@@ -561,10 +566,7 @@ def plot_linear_vs_lora(groups: Sequence[Group], out: Path) -> list[Path]:
     """Bars of test balanced accuracy per model and data size, one hatched bar per method, CI error bars."""
     plt = _pyplot()
     written = []
-    by_dataset: dict[str, list[Group]] = defaultdict(list)
-    for g in groups:
-        by_dataset[_dataset_name(g.config)].append(g)
-    for dataset, members in sorted(by_dataset.items()):
+    for dataset, members in _by_dataset(groups):
         if {g.config.method for g in members} != {"linear", "lora"}:
             continue
         slots = sorted({(model_label(g.config), _column_label(g.config), _column_order(g.config))
