@@ -10,11 +10,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from datasets.layouts import DEFAULT_HICERVIX_LEVEL
-
-Experiment = Literal[1, 2, 3]
 
 RESULTS_FILE = "results.json"
 
