@@ -29,8 +29,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.errors import UserError
 from lora import LoRAError, apply_lora, lora_parameters, parse_params
-from utils.errors import UserError
 
 VARIANTS = ("floor", "ours", "peft", "peft-hf", "floor-hf")
 HF_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}

@@ -7,13 +7,13 @@ import json
 import sys
 from pathlib import Path
 
+from common.errors import exit_status
 from datasets import prepare as prep
 from datasets.assign import DEFAULT_RATIOS
 from datasets.errors import DatasetError
 from datasets.images import load_image
 from datasets.layouts import DATASET_NAMES, HICERVIX_LEVELS, SPLITS
 from datasets.split import load_split
-from utils.errors import exit_status
 
 PREPARABLE = ("mlcc", "bcfc", "sipakmed", "hicervix", "folder")
 

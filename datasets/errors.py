@@ -1,6 +1,6 @@
 """The data layer's error type."""
 
-from utils.errors import UserError
+from common.errors import UserError
 
 
 class DatasetError(UserError):

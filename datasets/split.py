@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.io import write_text_atomic
 from datasets.errors import DatasetError
 from datasets.layouts import DATASET_NAMES, DEFAULT_HICERVIX_LEVEL, PAPER_LAYOUTS, SPLITS, expected_layout
 from datasets.readers import (
@@ -84,17 +84,7 @@ class Split:
             left_out=self.left_out,
             split_sha256=self.sha256,
         )
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(doc, f, sort_keys=True, indent=1)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False) + "\n")
 
 
 def list_dataset(root_path: str | os.PathLike | None, dataset: str, level: str | None = None) -> Listing:

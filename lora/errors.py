@@ -1,6 +1,6 @@
 """The error raised for LoRA settings or files a user can fix."""
 
-from utils.errors import UserError
+from common.errors import UserError
 
 
 class LoRAError(UserError):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from common.io import atomic_write
 from lora.config import CHECKED_SETTINGS, LoRASettings, parse_params
 from lora.errors import LoRAError
 from lora.inject import apply_lora, lora_layers
@@ -61,16 +61,7 @@ def save_lora(model: nn.Module, path: str | os.PathLike, settings: dict | LoRASe
     _check_layers_match(model, cfg, f"save_lora({path})")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
     metadata = {"format": FORMAT, "settings": json.dumps(cfg.to_dict(), sort_keys=True)}
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def read_lora_settings(path: str | os.PathLike) -> dict:

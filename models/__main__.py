@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from utils.errors import exit_status
+from common.errors import exit_status
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """The model layer's error type."""
 
-from utils.errors import UserError
+from common.errors import UserError
 
 
 class ModelError(UserError):

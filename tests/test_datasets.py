@@ -488,7 +488,7 @@ def test_bad_hicervix_gives_one_clear_line(tmp_path: Path, case: str) -> None:
 
 
 def test_api_errors_are_dataset_errors(tmp_path: Path) -> None:
-    from utils.errors import UserError
+    from common.errors import UserError
 
     assert issubclass(DatasetError, UserError)
     with pytest.raises(DatasetError, match="unknown dataset 'cifar'"):

@@ -4,7 +4,7 @@ Only light modules are imported here so that ``import utils`` stays fast; import
 heavier ones (``utils.trainer``, ``utils.report``) where they are needed.
 """
 
+from common.errors import UserError
 from utils.config import RunConfig, is_finished, run_dir
-from utils.errors import UserError
 
 __all__ = ["RunConfig", "UserError", "is_finished", "run_dir"]

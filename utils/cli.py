@@ -7,8 +7,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from common.errors import UserError, exit_status
 from utils.config import RunConfig
-from utils.errors import UserError, exit_status
 
 DEMO_BANNER = (
     "SYNTHETIC DEMO: generated cell images and a small randomly initialised model, run offline. "

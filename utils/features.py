@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.io import atomic_write
 from utils import images as img
 from utils.augment import normalise
 from utils.trainer import collect_outputs
@@ -65,8 +66,6 @@ def extract_features(
     features, labels = collect_outputs(
         spec.encode_image, spec.model, batches, lambda x: normalise(x, mean, std), device, precision, total, desc
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"features": features.contiguous(), "labels": labels.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    tensors = {"features": features.contiguous(), "labels": labels.contiguous()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
     return features, labels

@@ -10,7 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from utils.seeding import seed_worker
+from common.seeding import seed_worker
 
 # Sets below this many bytes are decoded once and kept in memory for the whole run.
 IN_MEMORY_BYTES = 2 * 1024**3

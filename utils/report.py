@@ -30,8 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.errors import UserError, exit_status
 from utils.config import RESULTS_FILE, RunConfig, data_label, method_label, model_label
-from utils.errors import UserError, exit_status
 from utils.stats import Summary, paired_bootstrap, summarize
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece")

@@ -1,33 +1,14 @@
-"""Writing results: atomic files and the environment a run ran in."""
+"""Writing results: the environment a run ran in."""
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import subprocess
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
 SCHEMA_VERSION = 1
 _PACKAGES = ("torch", "torchvision", "timm", "open_clip_torch", "peft", "transformers", "numpy", "scikit-learn")
-
-
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    """Write JSON so that readers see either nothing or the whole file, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def git_commit() -> str | None:

@@ -13,14 +13,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from common.errors import UserError
+from common.io import write_json_atomic
+from common.seeding import seed_everything
 from utils import images as img
 from utils.augment import augment_batch, normalise
 from utils.cli import DEMO_BANNER
 from utils.config import RESULTS_FILE, RunConfig, is_finished, model_label, run_dir
-from utils.errors import UserError
 from utils.metrics import compute_metrics
-from utils.results import SCHEMA_VERSION, environment, write_json_atomic
-from utils.seeding import seed_everything
+from utils.results import SCHEMA_VERSION, environment
 from utils.tracking import start_tracking
 from utils.trainer import CHECKPOINT_FILE, Trainer, TrainSettings, TrainStats, batch_indices, predict
 

@@ -29,8 +29,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.errors import UserError
 from utils.config import RESULTS_FILE, RunConfig, is_finished, run_dir
-from utils.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {1: "main.py", 2: "main_lora.py", 3: "main_lora.py"}

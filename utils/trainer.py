@@ -8,7 +8,6 @@ stopped.
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -21,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from utils.errors import UserError
-from utils.seeding import rng_state, set_rng_state
+from common.errors import UserError
+from common.io import atomic_write
+from common.seeding import rng_state, set_rng_state
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -164,7 +164,6 @@ class Trainer:
         path = self.checkpoint_path
         if path is None:
             return None
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "fingerprint": self.fingerprint,
             "step": self.step,
@@ -174,10 +173,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
         }
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     def try_resume(self) -> int:
         """Load the run's checkpoint if there is one; returns the step training resumes at."""
