@@ -10,12 +10,23 @@ from pathlib import Path
 from common.errors import exit_status
 from datasets import prepare as prep
 from datasets.assign import DEFAULT_RATIOS
-from datasets.errors import DatasetError
 from datasets.images import load_image
-from datasets.layouts import DATASET_NAMES, HICERVIX_LEVELS, SPLITS
+from datasets.layouts import SPLITS
+from datasets.registry import DEFAULT_PROTOCOL, LEVEL_FALLBACKS, dataset_names, get_dataset
 from datasets.split import load_split
 
-PREPARABLE = ("mlcc", "bcfc", "sipakmed", "hicervix", "folder")
+
+def preparable() -> tuple[str, ...]:
+    """Registered datasets that have a ``prepare`` step."""
+    return tuple(n for n in dataset_names() if get_dataset(n).prepare is not None)
+
+
+def levels_help() -> str:
+    return "; ".join(
+        f"{n}: {', '.join(get_dataset(n).levels)} (default {get_dataset(n).default_level})"
+        for n in dataset_names()
+        if get_dataset(n).levels
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,11 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("summary", help="print a split's classes, counts per class and SHA-256 as JSON")
     s.add_argument("--root_path", default="", help="dataset root (not needed for demo)")
-    s.add_argument("--dataset", required=True, choices=DATASET_NAMES)
+    s.add_argument("--dataset", required=True, choices=dataset_names())
     s.add_argument("--shots", type=int, default=16, help="K per class, -1 for all, 0 with --pourcentage")
     s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--level", default=None, help=f"label level ({levels_help()})")
     s.add_argument(
-        "--level", default=None, choices=HICERVIX_LEVELS, help="HiCervix label level (default level_3)"
+        "--level_fallback",
+        default="original",
+        choices=LEVEL_FALLBACKS,
+        help="HiCervix images without a label at --level: original (level_3 takes level_2), none, parent",
+    )
+    s.add_argument(
+        "--protocol", default=DEFAULT_PROTOCOL, help="hicervix: paper, or official (level_3 without AGC/ADC)"
+    )
+    s.add_argument(
+        "--label_map", default=None, help="merge classes: new=old1,old2;other=old3 or a JSON file {new: [old...]}"
     )
     pct = s.add_mutually_exclusive_group()
     pct.add_argument(
@@ -50,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=prep.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("dataset", choices=PREPARABLE)
-    p.add_argument("--src", required=True, help="the unpacked raw download (never modified)")
+    p.add_argument("dataset", choices=preparable())
+    p.add_argument("--src", required=True, help="the unpacked raw download (never modified); csv: the manifest CSV")
     p.add_argument("--dst", default=None, help="dataset root to write (not used for hicervix)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val/test assignment (default 0)")
     p.add_argument(
@@ -64,7 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace a destination written by prepare before")
     p.add_argument(
-        "--manifest", default=None, help="folder only: CSV path,label,group (paths relative to --src)"
+        "--manifest",
+        default=None,
+        help="folder only: CSV path,label,group (paths relative to --src; default <src>/manifest.csv if present)",
+    )
+    p.add_argument(
+        "--columns", default=None, help="csv only: comma-separated columns to keep besides path (default all)"
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     return parser
@@ -79,6 +105,9 @@ def summary(args: argparse.Namespace) -> dict:
         seed=args.seed,
         level=args.level,
         percentage=args.percentage,
+        level_fallback=args.level_fallback,
+        protocol=args.protocol,
+        label_map=args.label_map,
     )
     if args.decode:
         for name in SPLITS:
@@ -87,8 +116,11 @@ def summary(args: argparse.Namespace) -> dict:
     if args.manifest_out:
         split.write_manifest(args.manifest_out)
     return {
+        "task": split.task,
         "classes": split.classes,
+        # multi-label: positives per label; images per split below
         "counts": split.counts(),
+        "images": split.sizes(),
         "split_sha256": split.sha256,
         "left_out": split.left_out,
     }
@@ -96,25 +128,21 @@ def summary(args: argparse.Namespace) -> dict:
 
 def prepare(args: argparse.Namespace) -> dict:
     """Run the preparation of ``args.dataset``."""
-    if args.manifest and args.dataset != "folder":
-        raise DatasetError(f"--manifest applies to `prepare folder` only, not to {args.dataset}")
-    if args.dataset == "hicervix":
-        return prep.check_hicervix(Path(args.src))
-    if not args.dst:
-        raise DatasetError(f"--dst is required for `prepare {args.dataset}`: the dataset root to write")
-    if args.dataset == "folder":
-        manifest = Path(args.manifest) if args.manifest else None
-        return prep.prepare_folder(
-            Path(args.src), Path(args.dst), args.seed, args.ratios, args.overwrite, manifest
-        )
-    return prep.prepare_paper(
-        args.dataset, Path(args.src), Path(args.dst), args.seed, args.ratios, args.overwrite
+    request = prep.PrepareRequest(
+        src=Path(args.src),
+        dst=Path(args.dst) if args.dst else None,
+        seed=args.seed,
+        ratios=tuple(args.ratios),
+        overwrite=args.overwrite,
+        manifest=Path(args.manifest) if args.manifest else None,
+        columns=[c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None,
     )
+    return get_dataset(args.dataset).prepare(request)
 
 
 def print_prepare_report(report: dict) -> None:
     """Human-readable report of ``prepare``."""
-    if report["dataset"] == "hicervix":
+    if "left_out" in report:  # a check in place (hicervix): counts per level, nothing written
         print(f"HiCervix at {report['root']} is complete: images {json.dumps(report['images'])}")
         for level, per_class in report["counts"].items():
             print(
@@ -124,6 +152,12 @@ def print_prepare_report(report: dict) -> None:
             print(prep.format_counts(per_class))
         return
     print(prep.format_counts(report["counts"]))
+    if "task" in report:  # CSV tables written (csv): nothing copied
+        print(
+            f"wrote {report['written_to']}/{{train,val,test}}.csv: {report['task']} data, "
+            f"{report['images']} images {json.dumps(report['split_images'])}"
+        )
+        return
     if "groups" in report:
         print(f"groups per split: {json.dumps(report['groups'])}")
     print(

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-DATASET_NAMES = ("mlcc", "bcfc", "sipakmed", "hicervix", "folder", "demo")
+from datasets.registry import dataset_names, get_dataset
+
 SPLITS = ("train", "val", "test")
 # Listing keeps files with these suffixes (case-insensitive) and ignores everything else.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
@@ -45,20 +46,23 @@ def is_image_name(name: str) -> bool:
     return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
 
 
+def paper_layout_text(lay: PaperLayout) -> str:
+    """The layout phrase of a paper dataset."""
+    return f"<root>/{lay.folder}/images/{{train,val,test}}/<class>_<n>{lay.ext}"
+
+
 def expected_layout(dataset: str) -> str:
-    """One phrase describing the on-disk layout a dataset needs."""
-    if dataset in PAPER_LAYOUTS:
-        lay = PAPER_LAYOUTS[dataset]
-        return f"<root>/{lay.folder}/images/{{train,val,test}}/<class>_<n>{lay.ext}"
-    if dataset == "hicervix":
-        return "<root>/{train,val,test}/*.jpg with <root>/{train,val,test}.csv"
-    return "<root>/{train,val,test}/<class>_<n>.<ext>"
+    """One phrase describing the on-disk layout a dataset needs (from the registry)."""
+    return get_dataset(dataset).layout
 
 
 def how_to_prepare(dataset: str) -> str:
-    """The command that builds a dataset's layout from a raw download."""
-    if dataset == "hicervix":
-        return "check a HiCervix download with `python -m datasets prepare hicervix --src ROOT`"
-    if dataset == "demo":
-        return "delete the folder so that the demo is generated again"
-    return f"build it with `python -m datasets prepare {dataset} --src RAW --dst ROOT`"
+    """What to do to build a dataset's layout (from the registry)."""
+    return get_dataset(dataset).how_to_prepare
+
+
+def __getattr__(name: str):
+    # the old home of DATASET_NAMES; the registry now holds the names
+    if name == "DATASET_NAMES":
+        return dataset_names()
+    raise AttributeError(f"module 'datasets.layouts' has no attribute '{name}'")

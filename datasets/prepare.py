@@ -8,8 +8,12 @@
   70/10/20 percent (``--ratios``), and copied to ``<dst>/<NAME>/images/<split>/<class>_<n>.<ext>``.
 * ``folder``: any class-per-folder tree (class = top-level folder name), or the images a
   ``--manifest`` CSV (columns ``path,label,group``, paths relative to ``--src``) lists, to
-  ``<dst>/<split>/<class>_<n>.<ext>``. With groups (patient, slide, source image) all images
-  of a group land in the same split, and each class comes as close to the ratios as groups allow.
+  ``<dst>/<split>/<class>_<n>.<ext>``; ``<src>/manifest.csv`` is used when it exists and no
+  ``--manifest`` is given. With groups (patient, slide, source image) all images of a group
+  land in the same split, and each class comes as close to the ratios as groups allow; a
+  split made without groups is warned about (cells of one patient may then sit in train and test).
+* ``csv``: ``--src`` is a manifest CSV with ``path`` and ``split`` columns; writes
+  ``<dst>/{train,val,test}.csv`` and copies nothing (see ``datasets/tabular.py``).
 * ``hicervix``: already split; it is only checked (CSV columns, every listed image present)
   and its counts reported.
 
@@ -38,21 +42,66 @@ from datasets.assign import (
     check_ratios,
 )
 from datasets.errors import DatasetError
+from datasets.hicervix import check_listed_images, hicervix_label, read_hicervix_csv
 from datasets.layouts import HICERVIX_LEVELS, PAPER_LAYOUTS, SPLITS
 from datasets.raw import (
+    NO_GROUP,
     images_below,
     read_group_manifest,
     scan_folder_raw,
     scan_paper_raw,
 )
-from datasets.readers import (
-    check_listed_images,
-    hicervix_label,
-    read_hicervix_csv,
-    require_dir,
-)
+from datasets.readers import require_dir
 
 SOURCES_FILE = "sources.csv"
+DEFAULT_MANIFEST = "manifest.csv"  # `prepare folder` uses <src>/manifest.csv when no --manifest is given
+
+
+@dataclass(frozen=True)
+class PrepareRequest:
+    """The settings of one ``python -m datasets prepare`` call."""
+
+    src: Path
+    dst: Path | None = None
+    seed: int = 0
+    ratios: tuple[float, float, float] = DEFAULT_RATIOS
+    overwrite: bool = False
+    manifest: Path | None = None
+    columns: list[str] | None = None  # csv only: the columns kept besides path
+
+
+def _plain(dataset: str, request: PrepareRequest, needs_dst: bool = True, takes_manifest: bool = False) -> None:
+    """Refuse the options a preparation does not take."""
+    if request.manifest and not takes_manifest:
+        raise DatasetError(f"--manifest applies to `prepare folder` only, not to {dataset}")
+    if request.columns:
+        raise DatasetError(f"--columns applies to `prepare csv` only, not to {dataset}")
+    if needs_dst and not request.dst:
+        raise DatasetError(f"--dst is required for `prepare {dataset}`: the dataset root to write")
+
+
+def paper_preparer(dataset: str):
+    """The ``prepare`` function of a paper dataset (mlcc, bcfc, sipakmed)."""
+
+    def run(request: PrepareRequest) -> dict:
+        _plain(dataset, request)
+        return prepare_paper(dataset, request.src, request.dst, request.seed, request.ratios, request.overwrite)
+
+    return run
+
+
+def run_prepare_folder(request: PrepareRequest) -> dict:
+    """``prepare folder``: a class-per-folder tree or a grouped manifest."""
+    _plain("folder", request, takes_manifest=True)
+    return prepare_folder(
+        request.src, request.dst, request.seed, request.ratios, request.overwrite, request.manifest
+    )
+
+
+def run_check_hicervix(request: PrepareRequest) -> dict:
+    """``prepare hicervix``: check the download in place."""
+    _plain("hicervix", request, needs_dst=False)
+    return check_hicervix(request.src)
 
 
 @dataclass
@@ -95,27 +144,49 @@ def prepare_folder(
     src = _source_dir(src)
     target = Path(os.path.abspath(dst))
     _check_target(target, src, overwrite, {*SPLITS, SOURCES_FILE})
-    if manifest is None:
-        by_class, stray = scan_folder_raw(src)
-        _warn_stray(stray, src, "directly in the source folder (not in a class folder)")
-        where = assign_stratified({c: [str(f) for f in fs] for c, fs in by_class.items()}, ratios, seed)
-        plan = [Planned(f, c, where[str(f)], "") for c, fs in by_class.items() for f in fs]
-    else:
-        rows = read_group_manifest(Path(manifest), src)
-        listed = {os.path.normpath(str(image)) for image, _, _ in rows}
-        unlisted = sum(1 for f in images_below(src) if os.path.normpath(str(f)) not in listed)
-        _warn_stray(unlisted, src, f"not listed in {manifest}")
-        groups: dict[str, Counter] = {}
-        for _, label, group in rows:
-            groups.setdefault(group, Counter())[label] += 1
-        where = assign_groups(groups, ratios, seed)
-        plan = [Planned(image, label, where[group], group) for image, label, group in rows]
+    if manifest is None and (src / DEFAULT_MANIFEST).is_file():
+        manifest = src / DEFAULT_MANIFEST
+        print(f"using {manifest} (path,label,group); give --manifest to use another file", file=sys.stderr)
+    plan = _plan_from_folders(src, ratios, seed) if manifest is None else _plan_from_manifest(
+        Path(manifest), src, ratios, seed
+    )
     classes = sorted({p.cls for p in plan})
     _write(plan, target, "", src, overwrite)
     report = _report("folder", plan, classes, target, seed, ratios)
     if manifest is not None:
         report["groups"] = {s: len({p.group for p in plan if p.split == s}) for s in SPLITS}
     return report
+
+
+def _plan_from_folders(src: Path, ratios, seed: int) -> list[Planned]:
+    by_class, stray = scan_folder_raw(src)
+    _warn_stray(stray, src, "directly in the source folder (not in a class folder)")
+    print(
+        f"warning: splitting {src} without groups: cells of one patient or slide may land in both train "
+        "and test; give --manifest path,label,group to keep groups together",
+        file=sys.stderr,
+    )
+    where = assign_stratified({c: [str(f) for f in fs] for c, fs in by_class.items()}, ratios, seed)
+    return [Planned(f, c, where[str(f)], "") for c, fs in by_class.items() for f in fs]
+
+
+def _plan_from_manifest(manifest: Path, src: Path, ratios, seed: int) -> list[Planned]:
+    rows = read_group_manifest(manifest, src)
+    listed = {os.path.normpath(str(image)) for image, _, _ in rows}
+    unlisted = sum(1 for f in images_below(src) if os.path.normpath(str(f)) not in listed)
+    _warn_stray(unlisted, src, f"not listed in {manifest}")
+    ungrouped = sum(1 for _, _, group in rows if group.startswith(NO_GROUP))
+    if ungrouped:
+        print(
+            f"warning: {ungrouped} of {len(rows)} image(s) in {manifest} have no group and are split one by one; "
+            "fill the group column (patient, slide) to keep related cells together",
+            file=sys.stderr,
+        )
+    groups: dict[str, Counter] = {}
+    for _, label, group in rows:
+        groups.setdefault(group, Counter())[label] += 1
+    where = assign_groups(groups, ratios, seed)
+    return [Planned(image, label, where[group], group) for image, label, group in rows]
 
 
 def check_hicervix(src: Path) -> dict:

@@ -35,6 +35,7 @@ ALIASES = {
     "bcfc": {"malignant": (), "benign": ()},
     "sipakmed": {name: () for name in PAPER_LAYOUTS["sipakmed"].classes},
 }
+NO_GROUP = "image:"  # the group of a manifest row without one: the image alone
 CROPPED = "cropped"  # SIPaKMeD keeps single-cell crops in .../CROPPED/; the rest are whole slides
 
 
@@ -164,7 +165,7 @@ def _manifest_rows(rows: list[dict[str, str]], path: Path, src: Path) -> list[tu
         image = src / rel
         if not image.is_file():
             missing.append(rel)
-        out.append((image, label, row.get("group") or f"image:{rel}"))
+        out.append((image, label, row.get("group") or f"{NO_GROUP}{rel}"))
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise DatasetError(f"{len(missing)} image(s) listed in {path} are missing under {src}: {shown}")

@@ -6,6 +6,12 @@
   of train and of val.
 * test is always complete.
 
+Multi-label data (a tuple of 0/1 per class): ``shots = K`` walks the classes in order and, for
+each, adds images among its positives, in its own seeded order, until the chosen images hold K
+of its positives (an image counts for every class it is positive for); val asks ``min(K, 4)``.
+``percentage = P`` keeps ``int(n * P / 100)`` images (at least 1) of the split, seeded. Image-text
+pairs without a class are one pool: K images of train, ``min(K, 4)`` of val, or P percent.
+
 Each (seed, split, class) has its own generator, seeded from a string (stable across Python
 versions and machines and independent of ``PYTHONHASHSEED``). The class's files are sorted,
 shuffled with it, and the first ``k`` kept: the draw depends only on the file list, and a
@@ -56,13 +62,75 @@ def quota(n: int, split: str, shots: int, percentage: float | None) -> int | Non
     return max(1, int(n * percentage / 100)) if n else 0
 
 
+def shuffled(paths: list[str], seed: int, split: str, cls: str) -> list[str]:
+    """The sorted ``paths`` shuffled by a generator seeded from (seed, split, class)."""
+    order = sorted(paths)
+    random.Random(f"cytology-lora/{seed}/{split}/{cls}").shuffle(order)
+    return order
+
+
 def draw(paths: list[str], k: int | None, seed: int, split: str, cls: str) -> list[str]:
     """The first ``k`` of the sorted ``paths`` after a shuffle seeded by (seed, split, class)."""
-    order = sorted(paths)
-    if k is None or k >= len(order):
-        return order
-    random.Random(f"cytology-lora/{seed}/{split}/{cls}").shuffle(order)
-    return order[:k]
+    if k is None or k >= len(paths):
+        return sorted(paths)
+    return shuffled(paths, seed, split, cls)[:k]
+
+
+def sample_split(
+    items: list[tuple[str, object]],
+    classes: list[str],
+    task: str,
+    split: str,
+    shots: int,
+    percentage: float | None,
+    seed: int,
+) -> list[tuple[str, object]]:
+    """Sample one split of any task (see the module docstring); returned sorted by path."""
+    if task == "multilabel":
+        return sample_multilabel(items, classes, split, shots, percentage, seed)
+    if items and all(label is None for _, label in items):
+        k = quota(len(items), split, shots, percentage)
+        _warn_if_short("images", len(items), k, split)
+        return sorted((p, None) for p in draw([p for p, _ in items], k, seed, split, "*all*"))
+    return sample(items, classes, split, shots, percentage, seed)
+
+
+def _warn_if_short(what: str, n: int, k: int | None, split: str) -> None:
+    if k is not None and n < k:
+        print(f"warning: {what} has {n} image(s) in {split}, fewer than the {k} asked; using all", file=sys.stderr)
+
+
+def sample_multilabel(
+    items: list[tuple[str, tuple[int, ...]]],
+    classes: list[str],
+    split: str,
+    shots: int,
+    percentage: float | None,
+    seed: int,
+) -> list[tuple[str, tuple[int, ...]]]:
+    """Multi-label sampling: K positives per class (greedy, in class order) or P percent of the images.
+
+    Images negative for every class enter only with ``shots = -1``, a percentage, or in test.
+    """
+    labels = dict(items)
+    if split == "test" or shots == -1:
+        return sorted(items)
+    if shots == 0:
+        k = quota(len(items), split, shots, percentage)
+        return sorted((p, labels[p]) for p in draw(list(labels), k, seed, split, "*all*"))
+    chosen: set[str] = set()
+    for c, cls in enumerate(classes):
+        positives = [p for p, label in items if label[c]]
+        k = quota(len(positives), split, shots, percentage)
+        _warn_if_short(f"class '{cls}'", len(positives), k, split)
+        have = sum(1 for p in positives if p in chosen)
+        for p in shuffled(positives, seed, split, cls):
+            if have >= k:
+                break
+            if p not in chosen:
+                chosen.add(p)
+                have += 1
+    return sorted((p, labels[p]) for p in chosen)
 
 
 def sample(
@@ -81,12 +149,7 @@ def sample(
     for cls in classes:
         paths = by_class[cls]
         k = quota(len(paths), split, shots, percentage)
-        if k is not None and len(paths) < k:
-            print(
-                f"warning: class '{cls}' has {len(paths)} image(s) in {split}, "
-                f"fewer than the {k} asked; using all",
-                file=sys.stderr,
-            )
+        _warn_if_short(f"class '{cls}'", len(paths), k, split)
         kept.extend((p, cls) for p in draw(paths, k, seed, split, cls))
     kept.sort()
     return kept

@@ -5,25 +5,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.io import write_text_atomic
 from datasets.errors import DatasetError
-from datasets.layouts import DATASET_NAMES, DEFAULT_HICERVIX_LEVEL, PAPER_LAYOUTS, SPLITS, expected_layout
-from datasets.readers import (
-    Listing,
-    print_notes,
-    read_class_folders,
-    read_hicervix,
-    read_paper_layout,
+from datasets.labelmap import LabelMap, apply_label_map, check_label_map, parse_label_map
+from datasets.layouts import SPLITS
+from datasets.readers import Listing, print_notes
+from datasets.registry import (
+    DEFAULT_PROTOCOL,
+    ReadRequest,
+    get_dataset,
+    resolve_level,
+    resolve_level_fallback,
+    resolve_protocol,
 )
-from datasets.sampling import check_sampling, sample
+from datasets.sampling import check_sampling, sample_split
 
 
 @dataclass
 class Split:
-    """Train, val and test lists of (absolute path, label); ``classes[label]`` names a label."""
+    """Train, val and test lists of (absolute path, label); ``classes[label]`` names a label.
+
+    A label is an int (-1 for an image-text pair without a class) or, for ``task ==
+    "multilabel"``, a tuple of 0/1 ints, one per class.
+    """
 
     dataset: str
     root: str
@@ -36,6 +43,12 @@ class Split:
     val: list[tuple[str, int]]
     test: list[tuple[str, int]]
     left_out: int = 0
+    level_fallback: str | None = None  # HiCervix: "original", "none" or "parent"; None without levels
+    protocol: str = DEFAULT_PROTOCOL
+    label_map: LabelMap | None = None
+    task: str = "single_label"  # "single_label", "multilabel" or "captions"
+    captions: dict[str, str] = field(default_factory=dict)  # absolute path -> caption
+    groups: dict[str, str] = field(default_factory=dict)  # absolute path -> group, where the data has groups
 
     def items(self, split: str) -> list[tuple[str, int]]:
         """The (path, label) list of ``split`` ("train", "val" or "test")."""
@@ -44,14 +57,21 @@ class Split:
         return getattr(self, split)
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """Images per class in each split, classes in label order."""
+        """Images per class in each split (multi-label: positives per class), classes in label order."""
         out = {}
         for split in SPLITS:
             per_label = [0] * len(self.classes)
             for _, label in self.items(split):
-                per_label[label] += 1
+                if self.task == "multilabel":
+                    per_label = [n + v for n, v in zip(per_label, label, strict=True)]
+                elif label >= 0:
+                    per_label[label] += 1
             out[split] = dict(zip(self.classes, per_label, strict=True))
         return out
+
+    def sizes(self) -> dict[str, int]:
+        """Images in each split."""
+        return {split: len(self.items(split)) for split in SPLITS}
 
     def relative(self, path: str) -> str:
         """A path of this split relative to its root, with '/' separators."""
@@ -60,10 +80,23 @@ class Split:
         return rel.replace(os.sep, "/")
 
     def manifest(self) -> dict:
-        """Classes and, per split, [relative path, label] pairs: what the SHA-256 covers."""
+        """Classes, per split [relative path, label] pairs, and the labelling options: what the SHA-256 covers.
+
+        Options at their defaults are left out, so that splits made before they existed keep their hash.
+        """
         doc: dict = {"classes": list(self.classes)}
         for split in SPLITS:
-            doc[split] = [[self.relative(p), label] for p, label in self.items(split)]
+            doc[split] = [[self.relative(p), _plain_label(label)] for p, label in self.items(split)]
+        if self.level_fallback is not None:
+            doc["level_fallback"] = self.level_fallback
+        if self.level_fallback is not None or self.protocol != DEFAULT_PROTOCOL:
+            doc["protocol"] = self.protocol
+        if self.label_map:
+            doc["label_map"] = {new: list(olds) for new, olds in self.label_map.items()}
+        if self.task != "single_label":
+            doc["task"] = self.task
+        if self.captions:
+            doc["captions"] = {self.relative(p): c for p, c in sorted(self.captions.items())}
         return doc
 
     @property
@@ -78,6 +111,10 @@ class Split:
         doc.update(
             dataset=self.dataset,
             level=self.level,
+            level_fallback=self.level_fallback,
+            protocol=self.protocol,
+            label_map=self.label_map,
+            task=self.task,
             shots=self.shots,
             percentage=self.percentage,
             seed=self.seed,
@@ -87,24 +124,48 @@ class Split:
         write_text_atomic(path, json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False) + "\n")
 
 
-def list_dataset(root_path: str | os.PathLike | None, dataset: str, level: str | None = None) -> Listing:
-    """Every image of ``dataset`` with its class, per split, before any sampling."""
-    if dataset not in DATASET_NAMES:
-        raise DatasetError(f"unknown dataset '{dataset}': choose one of {', '.join(DATASET_NAMES)}")
-    if dataset == "demo":
-        from datasets.demo import demo_root
+def _plain_label(label):
+    return list(label) if isinstance(label, tuple) else label
 
-        return read_class_folders(demo_root(), "demo", None)
-    if not root_path:
-        raise DatasetError(
-            f"--root_path is required for {dataset}: give the folder that holds {expected_layout(dataset)}"
-        )
-    root = Path(os.path.abspath(os.path.expanduser(os.fspath(root_path))))
-    if dataset in PAPER_LAYOUTS:
-        return read_paper_layout(root, dataset)
-    if dataset == "hicervix":
-        return read_hicervix(root, level)
-    return read_class_folders(root, "folder", None)
+
+def _label_map(label_map: LabelMap | str | os.PathLike | None) -> LabelMap | None:
+    if label_map is None or label_map == {} or label_map == "":
+        return None
+    return check_label_map(label_map) if isinstance(label_map, dict) else parse_label_map(label_map)
+
+
+def list_dataset(
+    root_path: str | os.PathLike | None,
+    dataset: str,
+    level: str | None = None,
+    *,
+    level_fallback: str | None = None,
+    protocol: str | None = None,
+    label_map: LabelMap | str | None = None,
+) -> Listing:
+    """Every image of ``dataset`` with its label, per split, before any sampling (after ``label_map``)."""
+    return _read(root_path, read_request(dataset, level, level_fallback, protocol), _label_map(label_map))
+
+
+def read_request(dataset: str, level: str | None, level_fallback: str | None, protocol: str | None) -> ReadRequest:
+    """The reader's request with the level and options checked against the registry entry."""
+    return ReadRequest(
+        dataset=dataset,
+        level=resolve_level(dataset, level),
+        level_fallback=resolve_level_fallback(dataset, level_fallback),
+        protocol=resolve_protocol(dataset, protocol),
+    )
+
+
+def _read(root_path: str | os.PathLike | None, request: ReadRequest, mapping: LabelMap | None) -> Listing:
+    info = get_dataset(request.dataset)
+    if not info.needs_root:
+        listing = info.reader(None, request)
+    elif not root_path:
+        raise DatasetError(f"--root_path is required for {info.name}: give the folder that holds {info.layout}")
+    else:
+        listing = info.reader(Path(os.path.abspath(os.path.expanduser(os.fspath(root_path)))), request)
+    return apply_label_map(listing, mapping, info.name) if mapping else listing
 
 
 def load_split(
@@ -114,26 +175,34 @@ def load_split(
     seed: int = 1,
     level: str | None = None,
     percentage: float | None = None,
+    *,
+    level_fallback: str = "original",
+    protocol: str = DEFAULT_PROTOCOL,
+    label_map: LabelMap | str | None = None,
 ) -> Split:
-    """The split of one run: a pure function of the files, dataset, level, shots, percentage and seed.
+    """The split of one run: a pure function of the files, dataset, labelling options, shots, percentage and seed.
 
     ``root_path`` may be None or "" only for "demo", which always lives in its cache folder
-    (see :func:`datasets.demo.demo_root`). ``level`` applies to hicervix only (default level_3).
+    (see :func:`datasets.demo.demo_root`). ``level``, ``level_fallback`` and ``protocol`` apply to
+    datasets with label levels (hicervix; see :mod:`datasets.hicervix`). ``label_map`` merges
+    classes before sampling: ``{new: [old, ...]}``, or the text :func:`parse_label_map` reads.
     """
     percentage = check_sampling(shots, percentage)
-    level = (level or DEFAULT_HICERVIX_LEVEL) if dataset == "hicervix" else None
-    listing = list_dataset(root_path, dataset, level)
+    request = read_request(dataset, level, level_fallback, protocol)
+    mapping = _label_map(label_map)
+    listing = _read(root_path, request, mapping)
     print_notes(listing)
-    index = {cls: i for i, cls in enumerate(listing.classes)}
     root = str(listing.root)
-    lists = {}
+    label_of = _labeller(listing)
+    lists, paths = {}, {}
     for split in SPLITS:
-        kept = sample(listing.items[split], listing.classes, split, shots, percentage, seed)
-        lists[split] = [(os.path.join(root, rel), index[cls]) for rel, cls in kept]
+        kept = sample_split(listing.items[split], listing.classes, listing.task, split, shots, percentage, seed)
+        paths.update((rel, os.path.join(root, rel)) for rel, _ in kept)
+        lists[split] = [(paths[rel], label_of(label)) for rel, label in kept]
     return Split(
         dataset=dataset,
         root=root,
-        level=level,
+        level=request.level,
         shots=shots,
         percentage=percentage,
         seed=int(seed),
@@ -142,4 +211,18 @@ def load_split(
         val=lists["val"],
         test=lists["test"],
         left_out=listing.left_out,
+        level_fallback=request.level_fallback,
+        protocol=request.protocol,
+        label_map=mapping,
+        task=listing.task,
+        captions={paths[rel]: text for rel, text in listing.captions.items() if rel in paths},
+        groups={paths[rel]: group for rel, group in listing.groups.items() if rel in paths},
     )
+
+
+def _labeller(listing: Listing):
+    """Listing label -> Split label: the class index (-1 for none), or the 0/1 tuple of multi-label data."""
+    if listing.task == "multilabel":
+        return tuple
+    index = {cls: i for i, cls in enumerate(listing.classes)}
+    return lambda label: -1 if label is None else index[label]

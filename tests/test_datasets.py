@@ -277,22 +277,35 @@ def labels_by_name(split: datasets.Split) -> dict[str, str]:
     return {Path(p).name: split.classes[label] for p, label in split.train}
 
 
+ALL_FOUR = {"full.jpg": "A", "no_l3.jpg": "A", "nan_l3.jpg": "C", "only_l1.jpg": "B"}
+BY_NAME = {"full.jpg": "A1a", "no_l3.jpg": "A1", "nan_l3.jpg": "C1", "only_l1.jpg": "B"}
+
+
 @pytest.mark.parametrize(
-    ("level", "expected", "left_out_per_split"),
+    ("fallback", "level", "expected", "left_out_per_split"),
     [
-        ("level_3", {"full.jpg": "A1a", "no_l3.jpg": "A1", "nan_l3.jpg": "C1"}, 2),
-        ("level_2", {"full.jpg": "A1", "no_l3.jpg": "A1", "nan_l3.jpg": "C1", "only_l1.jpg": "B"}, 1),
-        ("level_1", {"full.jpg": "A", "no_l3.jpg": "A", "nan_l3.jpg": "C", "only_l1.jpg": "B"}, 1),
-        ("class_name", {"full.jpg": "A1a", "no_l3.jpg": "A1", "nan_l3.jpg": "C1", "only_l1.jpg": "B"}, 1),
+        # original (mdausort/Cytology-fine-tuning): level_3 falls back to level_2, nothing else falls back
+        ("original", "level_3", {"full.jpg": "A1a", "no_l3.jpg": "A1", "nan_l3.jpg": "C1"}, 2),
+        ("original", "level_2", {"full.jpg": "A1", "no_l3.jpg": "A1", "nan_l3.jpg": "C1"}, 2),
+        ("original", "level_1", ALL_FOUR, 1),
+        ("original", "class_name", BY_NAME, 1),
+        # parent: each level falls back one step to its parent
+        ("parent", "level_3", {"full.jpg": "A1a", "no_l3.jpg": "A1", "nan_l3.jpg": "C1"}, 2),
+        ("parent", "level_2", {"full.jpg": "A1", "no_l3.jpg": "A1", "nan_l3.jpg": "C1", "only_l1.jpg": "B"}, 1),
+        ("parent", "level_1", ALL_FOUR, 1),
+        # none: only the labels written at that level
+        ("none", "level_3", {"full.jpg": "A1a"}, 4),
+        ("none", "level_2", {"full.jpg": "A1", "no_l3.jpg": "A1", "nan_l3.jpg": "C1"}, 2),
+        ("none", "level_1", ALL_FOUR, 1),
     ],
 )
-def test_hicervix_hierarchy_fallback(tmp_path: Path, level, expected, left_out_per_split) -> None:
+def test_hicervix_hierarchy_fallback(tmp_path: Path, fallback, level, expected, left_out_per_split) -> None:
     make_hicervix(tmp_path)
-    split = load_split(str(tmp_path), "hicervix", shots=-1, level=level)
+    split = load_split(str(tmp_path), "hicervix", shots=-1, level=level, level_fallback=fallback)
     assert labels_by_name(split) == expected
     assert split.classes == sorted(set(expected.values()))
     assert split.left_out == 3 * left_out_per_split
-    assert split.level == level
+    assert split.level == level and split.level_fallback == fallback and split.protocol == "paper"
 
 
 def test_hicervix_default_level_is_level_3_and_each_csv_is_read_once(tmp_path: Path, monkeypatch) -> None:
@@ -358,8 +371,10 @@ def test_summary_prints_one_json_document(mlcc_root: Path) -> None:
     doc = json.loads(done.stdout)
     split = load_split(str(mlcc_root), "mlcc", shots=4, seed=2)
     assert doc == {
+        "task": "single_label",
         "classes": split.classes,
         "counts": split.counts(),
+        "images": {"train": 4 * 4, "val": 4 + 3 + 4 + 2, "test": 3 + 2 + 2 + 1},
         "split_sha256": split.sha256,
         "left_out": 0,
     }
@@ -374,18 +389,11 @@ def test_summary_percentage_spellings_agree(mlcc_root: Path) -> None:
 
 def test_summary_hicervix_level_and_left_out(tmp_path: Path) -> None:
     make_hicervix(tmp_path)
-    done = run_cli(
-        "summary",
-        "--root_path",
-        str(tmp_path),
-        "--dataset",
-        "hicervix",
-        "--shots",
-        "-1",
-        "--level",
-        "level_2",
-    )
-    doc = json.loads(done.stdout)
+    base = ["summary", "--root_path", str(tmp_path), "--dataset", "hicervix", "--shots", "-1", "--level", "level_2"]
+    doc = json.loads(run_cli(*base).stdout)
+    assert doc["classes"] == ["A1", "C1"] and doc["left_out"] == 6
+    assert doc["counts"]["test"] == {"A1": 2, "C1": 1}
+    doc = json.loads(run_cli(*base, "--level_fallback", "parent").stdout)
     assert doc["classes"] == ["A1", "B", "C1"] and doc["left_out"] == 3
     assert doc["counts"]["test"] == {"A1": 2, "B": 1, "C1": 1}
 
@@ -496,5 +504,5 @@ def test_api_errors_are_dataset_errors(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="--root_path is required for mlcc"):
         load_split(None, "mlcc")
     make_hicervix(tmp_path)
-    with pytest.raises(DatasetError, match="unknown HiCervix level 'level_4'"):
+    with pytest.raises(DatasetError, match="unknown hicervix level 'level_4'"):
         load_split(str(tmp_path), "hicervix", level="level_4")

@@ -247,6 +247,30 @@ def test_folder_manifest_problems(tmp_path: Path) -> None:
     assert "--manifest" in line
 
 
+def test_folder_finds_its_manifest_and_warns_without_groups(tmp_path: Path) -> None:
+    src, manifest, group_of = make_grouped(tmp_path)
+    (src / "manifest.csv").write_text(manifest.read_text())
+    done = run_cli("prepare", "folder", "--src", str(src), "--dst", str(tmp_path / "auto"), "--json")
+    assert done.returncode == 0, done.stderr
+    assert f"using {src / 'manifest.csv'}" in done.stderr and "without groups" not in done.stderr
+    assert sum(json.loads(done.stdout)["groups"].values()) == 30
+    assert {r["group"] for r in sources(tmp_path / "auto")} == set(group_of.values())
+    # an explicit --manifest wins and is not announced
+    done = run_cli("prepare", "folder", "--src", str(src), "--dst", str(tmp_path / "explicit"),
+                   "--manifest", str(manifest))
+    assert done.returncode == 0 and "using" not in done.stderr
+    # rows without a group are split one by one, and said so
+    rows = manifest.read_text().splitlines()
+    partial = [rows[0]] + [r.rsplit(",", 1)[0] + "," if i < 5 else r for i, r in enumerate(rows[1:])]
+    (src / "manifest.csv").write_text("\n".join(partial) + "\n")
+    done = run_cli("prepare", "folder", "--src", str(src), "--dst", str(tmp_path / "partial"))
+    assert done.returncode == 0 and f"5 of {len(rows) - 1} image(s)" in done.stderr and "no group" in done.stderr
+    # class folders alone carry no groups
+    (src / "manifest.csv").unlink()
+    done = run_cli("prepare", "folder", "--src", str(src), "--dst", str(tmp_path / "plain"))
+    assert done.returncode == 0 and "without groups" in done.stderr and "using" not in done.stderr
+
+
 def test_prepare_help_documents_the_default_ratios() -> None:
     done = run_cli("prepare", "--help")
     text = " ".join(done.stdout.split())
@@ -273,8 +297,9 @@ def test_hicervix_check_reports_counts(tmp_path: Path) -> None:
     report = prepare("hicervix", "--src", str(tmp_path / "hc"))
     assert snapshot(tmp_path / "hc") == before
     assert report["images"] == {"train": 3, "val": 3, "test": 3}
-    assert report["classes"] == {"level_1": 2, "level_2": 2, "level_3": 2, "class_name": 3}
-    assert report["left_out"] == {"level_1": 0, "level_2": 0, "level_3": 3, "class_name": 0}
+    # c.jpg has only a level_1 label: at level_2 and level_3 it is left out (the original rules)
+    assert report["classes"] == {"level_1": 2, "level_2": 1, "level_3": 2, "class_name": 3}
+    assert report["left_out"] == {"level_1": 0, "level_2": 3, "level_3": 3, "class_name": 0}
     assert report["counts"]["level_3"] == {
         "A1": {"train": 1, "val": 1, "test": 1},
         "A1a": {"train": 1, "val": 1, "test": 1},
