@@ -1,6 +1,7 @@
-"""Experiment 1: a frozen foundation model with a linear head trained on cached features.
+"""Run one adaptation method on frozen features or images; --method defaults to linear (experiment 1).
 
     python main.py --root_path data --dataset sipakmed --shots -1 --model_name clip
+    python main.py --method knn --root_path data --dataset sipakmed --shots 16 --model_name uni
     python main.py            # offline demo on synthetic cells
 """
 
@@ -10,10 +11,10 @@ from utils.cli import parse_config, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(argv, lora=False)
-    from utils.runner import run_linear
+    config = parse_config(argv, default_method="linear", prog="main.py")
+    from utils.engine import run
 
-    return run_linear(config)
+    return run(config)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Experiments 2 and 3: LoRA fine-tuning with a linear head, few-shot or on a percentage of the data.
+"""Run one adaptation method on images; --method defaults to lora (experiments 2 and 3).
 
     python main_lora.py --root_path data --dataset hicervix --shots 16 --model_name uni --level level_3
-    python main_lora.py --root_path data --dataset hicervix --shots 0 --pourcentage 10 --params "q k v o" --r 16
+    python main_lora.py --preset exp3 --root_path data --dataset hicervix --pourcentage 10
+    python main_lora.py --method full --root_path data --dataset folder --shots 16 --model_name efficientnet_lite0
     python main_lora.py       # offline demo on synthetic cells
 """
 
@@ -11,10 +12,10 @@ from utils.cli import parse_config, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(argv, lora=True)
-    from utils.runner import run_lora
+    config = parse_config(argv, default_method="lora", prog="main_lora.py")
+    from utils.engine import run
 
-    return run_lora(config)
+    return run(config)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,14 @@ class ModelSpec:
         """True when the model has a text tower and a tokenizer."""
         return self.text_fn is not None and self.tokenizer is not None
 
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """CLIP's learned logit scale exp(t), clamped at 100 as in CLIP; 100 for a model that has none."""
+        scale = getattr(self.model, "logit_scale", None)
+        if isinstance(scale, torch.Tensor):
+            return scale.detach().float().exp().clamp(max=100.0).cpu()
+        return torch.tensor(100.0)
+
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images (B, 3, S, S) -> image features (B, feature_dim), not L2-normalised."""
         return self.image_fn(self.model, x)

@@ -82,3 +82,20 @@ def folder_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def hicervix_root(tmp_path_factory) -> Path:
     return make_hicervix(tmp_path_factory.mktemp("hicervix_data"))
+
+
+def run_entry(script: str, *args: str):
+    """An entry point called in-process, as its command line would: exit code, stdout and stderr."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    import main
+    import main_lora
+    from utils.cli import run_cli
+
+    module = {"main.py": main, "main_lora.py": main_lora}[script]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run_cli(lambda: module.main(list(args)))
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

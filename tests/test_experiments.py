@@ -7,15 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_entry
 
 TINY = ["--model_name", "tiny_clip", "--device", "cpu", "--num_workers", "0", "--batch_size", "8"]
 METRIC_KEYS = {"accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece", "per_class_recall", "confusion_matrix"}
 
 
-def run(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+def run(script: str, *args: str):
+    return run_entry(script, *args)
 
 
 def results_in(folder: Path, name: str = "results.json") -> list[Path]:
@@ -34,7 +33,8 @@ def check_schema(r: dict, experiment: int) -> None:
                 "timing", "env"):
         assert key in r, key
     assert r["experiment"] == experiment
-    assert set(r["config"]) >= {"lr", "n_iters", "batch_size", "r", "alpha", "params", "position", "encoder"}
+    assert set(r["config"]) >= {"lr", "n_iters", "batch_size", "method", "method_settings"}
+    assert r["method_settings"] == r["config"]["method_settings"]
     for part in ("val", "test"):
         m = r["metrics"][part]
         assert METRIC_KEYS <= set(m)
@@ -66,7 +66,7 @@ def test_experiment_1_linear_head(folder_root, tmp_path):
     assert r["method"] == "linear" and r["n_train"] == 12 and r["n_val"] == 9 and r["n_test"] == 12
     # the head alone trains: feature_dim x classes weights + biases
     assert r["trainable_params"] == (r["model"]["feature_dim"] + 1) * 3
-    assert (results_in(tmp_path)[0].parent / "head.safetensors").is_file()
+    assert (results_in(tmp_path)[0].parent / "weights.safetensors").is_file()
 
 
 def test_experiment_1_textual_head_starts_from_text_embeddings(folder_root, tmp_path):
@@ -74,7 +74,7 @@ def test_experiment_1_textual_head_starts_from_text_embeddings(folder_root, tmp_
             "--n_iters", "1", "--textual", "True", "--output_dir", str(tmp_path), *TINY)
     assert p.returncode == 0, p.stderr
     r = only_result(tmp_path)
-    assert r["config"]["textual"] is True
+    assert r["method_settings"]["textual"] is True
     assert "linear-textual" in str(results_in(tmp_path)[0])
 
 
@@ -82,9 +82,9 @@ def test_experiment_2_lora_few_shot(lora_run):
     out, _ = lora_run
     r = only_result(out)
     check_schema(r, 2)
-    assert r["method"] == "lora" and r["config"]["params"] == ["q", "v"]
+    assert r["method"] == "lora" and r["method_settings"]["params"] == ["q", "v"]
     folder = results_in(out)[0].parent
-    assert (folder / "lora.safetensors").is_file() and (folder / "head.safetensors").is_file()
+    assert (folder / "lora.safetensors").is_file() and (folder / "weights.safetensors").is_file()
     assert not (folder / "checkpoint.pt").exists()
     # paper's budget: 50 warmup steps + n_iters x shots
     assert r["timing"]["train_steps"] == 50 + 2 * 4
@@ -95,7 +95,7 @@ def test_eval_only_reload_gives_the_same_metrics(lora_run, folder_root):
     folder = results_in(out)[0].parent
     p = run("main_lora.py", "--root_path", str(folder_root), "--dataset", "folder", "--shots", "4",
             "--n_iters", "2", "--params", "q", "v", "--output_dir", str(out), "--eval_only",
-            "--lora_path", str(folder), *TINY)
+            "--run", str(folder), *TINY)
     assert p.returncode == 0, p.stderr
     trained = json.loads((folder / "results.json").read_text())["metrics"]
     reloaded = json.loads((folder / "eval_results.json").read_text())["metrics"]
@@ -138,19 +138,19 @@ def test_experiment_3_percentage_on_hicervix_layout(hicervix_root, tmp_path):
     r = only_result(tmp_path)
     check_schema(r, 3)
     assert r["percentage"] == 50 and r["level"] == "level_2"
-    # level_2 classes: NILM falls back to its level_1 label
-    assert r["classes"] == ["ASC-H", "ASC-US", "HSIL", "NILM"]
-    assert r["n_train"] == 4 * 4 and r["n_test"] == 4 * 4
+    # level_2 as the original code: no fallback, so the NILM cells (no level-2 label) are left out
+    assert r["classes"] == ["ASC-H", "ASC-US", "HSIL"]
+    assert r["n_train"] == 3 * 4 and r["n_test"] == 3 * 4
     # n_iters epochs of n_train // batch_size steps after the warmup
-    assert r["timing"]["train_steps"] == 50 + 2 * (16 // 8)
+    assert r["timing"]["train_steps"] == 50 + 2 * (12 // 8)
 
 
 @pytest.mark.parametrize("form", [["q v"], ["q", "v"], ["qv"]])
 def test_params_forms_all_apply_lora(form):
     from utils.cli import parse_config
 
-    config = parse_config(["--params", *form], lora=True)
-    assert config.params == ("q", "v")
+    config = parse_config(["--params", *form], "lora")
+    assert config.method_settings["params"] == ["q", "v"]
 
 
 def test_no_argument_demo_learns_and_says_it_is_synthetic(tmp_path):
@@ -181,5 +181,5 @@ def test_wandb_without_a_login_runs_offline_and_never_asks(folder_root, tmp_path
 def test_paper_percentage_zero_means_unused_in_few_shot_mode():
     from utils.cli import parse_config
 
-    config = parse_config(["--shots", "16", "--pourcentage", "0"], lora=True)
+    config = parse_config(["--shots", "16", "--pourcentage", "0"], "lora")
     assert config.percentage is None and config.experiment == 2

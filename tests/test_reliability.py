@@ -10,18 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, make_folder_dataset, write_cell
+from tests.conftest import REPO, make_folder_dataset, run_entry, write_cell
 
 SIPAKMED = ("Dyskeratotic", "Koilocytotic", "Metaplastic", "Parabasal", "Superficial-Intermediate")
 TINY = ["--model_name", "tiny_clip", "--device", "cpu", "--num_workers", "0", "--batch_size", "8"]
 
 
-def run(script, *args, timeout=300):
-    return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+def run(script, *args):
+    return run_entry(script, *args)
 
 
-def assert_user_error(p: subprocess.CompletedProcess, out: Path, *needles: str) -> None:
+def assert_user_error(p, out: Path, *needles: str) -> None:
     """Exit 2, one line on stderr that contains each needle, no traceback, nothing written."""
     assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
     assert "Traceback" not in p.stderr
@@ -52,7 +51,8 @@ LORA_MISTAKES = {
     "missing root": (["--dataset", "folder", "--root_path", "/nonexistent/place"], ["/nonexistent/place"]),
     "unknown dataset": (["--dataset", "imagenet"], ["imagenet", "sipakmed"]),
     "unknown model": (["--model_name", "resnet9000"], ["resnet9000", "clip"]),
-    "rank below 1": (["--r", "0"], ["--r"]),
+    "rank below 1": (["--r", "0"], ["rank r", ">= 1"]),
+    "flag of another method": (["--k", "3"], ["--k", "--method lora", "knn"]),
     "unknown params": (["--params", "q", "x"], ["x"]),
     "weights missing": (["--weights", "/no/such/weights.pt"], ["/no/such/weights.pt"]),
     "percentage out of range": (["--shots", "0", "--pourcentage", "150"], ["150"]),
@@ -130,7 +130,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(folder_root, tmp_path):
 
     resumed = run("main_lora.py", *_resume_args(folder_root, out))
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from step" in resumed.stderr
+    assert "resuming lora from step" in resumed.stderr
     got = json.loads(next(out.rglob("results.json")).read_text())
     assert got["timing"]["resumed_from_step"] > 0
     assert got["metrics"] == expected["metrics"]

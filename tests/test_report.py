@@ -13,6 +13,7 @@ import pytest
 
 from utils import stats
 from utils.config import RunConfig, run_dir
+from utils.engine import method_settings_of
 from utils.report import ReportError, build_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,7 +24,10 @@ T_975_DF4 = 2.7764451051977987  # 4 degrees of freedom
 def write_run(out: Path, seed: int, test: float, val: float = 0.5, schema: int = 1, env: dict | None = None,
               **settings) -> Path:
     """A finished run's results.json where the entry points would put it; test metrics derive from `test`."""
-    config = RunConfig(output_dir=str(out), seed=seed, **settings)
+    experiment = settings.pop("experiment", 2)
+    method = settings.pop("method", "linear" if experiment == 1 else "lora")
+    config = RunConfig(output_dir=str(out), seed=seed, method=method, experiment=experiment, **settings)
+    config.method_settings = method_settings_of(config)
     folder = run_dir(config)
     folder.mkdir(parents=True)
 
@@ -64,7 +68,7 @@ def test_summary_matches_hand_computed_mean_std_and_t_interval(tmp_path):
     assert len(rows) == 1
     row = rows[0]
     assert (row["n_seeds"], row["seeds"], row["model"], row["method"]) == ("3", "1;2;3", "tiny_clip",
-                                                                           "lora-qkv-r2-all-vision")
+                                                                           "lora-qv-r2-all-vision")
     half = T_975_DF2 * 0.1 / math.sqrt(3)
     assert float(row["test_balanced_accuracy_mean"]) == pytest.approx(0.7)
     assert float(row["test_balanced_accuracy_std"]) == pytest.approx(0.1)
@@ -121,7 +125,10 @@ def test_paired_csv_compares_lora_with_linear_and_pretrained_with_random(tmp_pat
     assert lora["a"].startswith("tiny_clip lora") and lora["b"] == "tiny_clip linear"
     assert int(lora["n_pairs"]) == 5 and lora["seeds"] == "1;2;3;4;5"
     assert float(lora["diff_mean"]) == pytest.approx(0.10)
-    assert 0.08 <= float(lora["boot_ci_low"]) < 0.10 < float(lora["boot_ci_high"]) <= 0.12
+    # the headline is the paired t-interval: 0.10 +- t(0.975, 4) * sd / sqrt(5)
+    half = T_975_DF4 * stats.std([g - 0.10 for g in gains]) / math.sqrt(5)
+    assert float(lora["t_ci_low"]) == pytest.approx(0.10 - half)
+    assert float(lora["t_ci_high"]) == pytest.approx(0.10 + half)
     weights = next(r for r in rows if r["comparison"] == "pretrained - random")
     assert (weights["a"], weights["b"]) == ("tiny_clip linear", "tiny_clip-random linear")
     assert float(weights["diff_mean"]) == pytest.approx(0.2)
@@ -209,7 +216,7 @@ def test_plots_and_markdown_tables(tmp_path):
     files = build_report(tmp_path, out=out, confusion=last, n_resamples=500)
     names = {f.name for f in files}
     assert {"balanced_accuracy_vs_shots_demo.png", "balanced_accuracy_vs_percentage_demo.png",
-            "linear_vs_lora_demo.png", "report.md"} <= names
+            "methods_demo.png", "report.md"} <= names
     confusion = [f for f in files if f.name.startswith("confusion_")]
     assert len(confusion) == 1
     for png in (f for f in files if f.suffix == ".png"):
@@ -225,3 +232,22 @@ def test_confusion_of_a_missing_run_is_a_user_error(tmp_path):
     done = report_cli(str(tmp_path), "--confusion", str(tmp_path / "nowhere"))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "nowhere" in done.stderr
+
+
+def test_every_method_is_compared_with_the_chosen_baseline_and_tabled_side_by_side(tmp_path):
+    for seed in (1, 2, 3):
+        write_run(tmp_path, seed, 0.50 + 0.01 * seed, method="linear", shots=4)
+        write_run(tmp_path, seed, 0.60 + 0.01 * seed, method="lora", shots=4)
+        write_run(tmp_path, seed, 0.55 + 0.02 * seed, method="knn", shots=4)
+    build_report(tmp_path, n_resamples=200)
+    rows = read_csv(tmp_path / "report" / "paired.csv")
+    assert sorted(r["comparison"] for r in rows) == ["knn - linear", "lora - linear"]
+    knn = next(r for r in rows if r["comparison"] == "knn - linear")
+    assert float(knn["diff_mean"]) == pytest.approx(0.07)
+    md = (tmp_path / "report" / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| | "))
+    assert header.count("tiny_clip") == 3 and "knn-k20" in header and "lora-qv" in header
+    assert (tmp_path / "report" / "methods_demo.png").is_file()
+    build_report(tmp_path, out=tmp_path / "other", n_resamples=200, plots=False, baseline="knn")
+    rows = read_csv(tmp_path / "other" / "paired.csv")
+    assert sorted(r["comparison"] for r in rows) == ["linear - knn", "lora - knn"]

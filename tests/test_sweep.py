@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from utils import sweep
+from utils.cli import parse_config
 from utils.config import RunConfig, run_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,11 +29,18 @@ def launch(*args: str, env: dict | None = None, timeout: int = 120) -> subproces
                           timeout=timeout, env=env, cwd="/")
 
 
+def record(config: RunConfig) -> dict:
+    """The smallest valid results.json of a run."""
+    metrics = {"balanced_accuracy": 0.5}
+    return {"schema_version": 2, "config": config.to_dict(), "method": config.method,
+            "metrics": {"val": metrics, "test": metrics}}
+
+
 def finish(config: RunConfig) -> Path:
-    """Pretend a run finished: a parseable results.json in its folder."""
+    """Pretend a run finished: a valid results.json in its folder."""
     folder = run_dir(config)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text(json.dumps({"schema_version": 1, "config": config.to_dict()}))
+    (folder / "results.json").write_text(json.dumps(record(config)))
     return folder
 
 
@@ -42,9 +50,10 @@ def grid(out: Path, *more: str) -> list[str]:
             "--seeds", "1 2", "--output_dir", str(out), *more]
 
 
-def config(out: Path, shots: int, seed: int, **more) -> RunConfig:
-    return RunConfig(experiment=2, dataset="demo", model_name="tiny_clip", shots=shots, seed=seed,
-                     output_dir=str(out), **more)
+def config(out: Path, shots: int, seed: int, *flags: str) -> RunConfig:
+    """The settings of one run of grid(), resolved by the entry points' own parser."""
+    return parse_config(["--preset", "exp2", "--dataset", "demo", "--model_name", "tiny_clip", "--shots",
+                         str(shots), "--seed", str(seed), "--output_dir", str(out), *flags], "lora")
 
 
 @pytest.fixture
@@ -80,10 +89,11 @@ def test_dry_run_prints_every_pending_command(tmp_path):
     for shots in (1, 2):
         for seed in (1, 2):
             for weights in (None, "random"):
-                folder = run_dir(config(tmp_path, shots, seed, weights=weights, params=("q", "v"), r=4))
+                more = ["--params", "q", "v", "--r", "4"] + (["--weights", "random"] if weights else [])
+                folder = run_dir(config(tmp_path, shots, seed, *more))
                 line = next(c for c in commands if f"> {folder}.log" in c)
-                assert line.startswith("python main_lora.py --dataset demo --model_name tiny_clip")
-                assert f"--seed {seed} --shots {shots} --lr 0.0002" in line
+                assert line.startswith("python main_lora.py --method lora --dataset demo --model_name tiny_clip")
+                assert f"--seed {seed} --shots {shots} " in line and "--preset exp2" in line
                 assert ("--weights random" in line) == (weights == "random")
                 assert "--params 'v q' --r 4" in line
     assert any("tiny_clip-random/lora-qv-r4-all-vision" in c for c in commands)
@@ -96,9 +106,9 @@ def test_dry_run_experiment_1_and_3(tmp_path):
                   "--output_dir", str(tmp_path), "--dry_run")
     assert done.returncode == 0, done.stderr
     commands = done.stdout.strip().splitlines()[1:]
-    assert [("--shots 0 --lr 1e-3" in c, "--pourcentage" in c, "--level level_3" in c) for c in commands] == [
-        (True, True, True)] * 2
-    assert "hicervix-level_3/tiny_clip/lora-qkv-r2-all-vision/pct10/lr0.001/seed1.log" in commands[0]
+    assert [("--shots 0 " in c and "--lr 1e-3" in c, "--pourcentage" in c, "--level level_3" in c)
+            for c in commands] == [(True, True, True)] * 2
+    assert "hicervix-level_3/tiny_clip/lora-qkvo-r16-all-vision/pct10/lr0.001/seed1-" in commands[0]
     done = launch("--experiment", "1", "--datasets", "demo", "--models", "tiny_clip", "--shots", "-1",
                   "--seeds", "1", "--extra", "--textual True", "--output_dir", str(tmp_path), "--dry_run")
     (command,) = done.stdout.strip().splitlines()[1:]
@@ -124,12 +134,12 @@ def test_extra_settings_change_the_run_folder_that_is_checked(tmp_path, fake_exe
     calls, _ = fake_execute
     for shots in (1, 2):
         for seed in (1, 2):
-            finish(config(tmp_path, shots, seed, params=("v", "pw"), r=4, n_iters=3))
+            finish(config(tmp_path, shots, seed, "--params", "v", "pw", "--r", "4", "--n_iters", "3"))
     # letters in any order or form name the same setting, stored in canonical order (q k v o pw)
     assert sweep.main(grid(tmp_path, "--n_iters", "3", "--extra", "--params pw,V --r 4")) == 0
     assert calls == []
     assert sweep.main(grid(tmp_path, "--n_iters", "3", "--extra", "--params v pw --r 8")) == 0
-    assert len(calls) == 4 and all(job.config.r == 8 for job, _ in calls)
+    assert len(calls) == 4 and all(job.config.method_settings["r"] == 8 for job, _ in calls)
 
 
 def test_a_failed_run_does_not_stop_the_others(tmp_path, fake_execute, capsys):
@@ -158,23 +168,17 @@ def test_real_processes_log_stdout_and_stderr(tmp_path, monkeypatch):
     fake_repo = tmp_path / "repo"
     fake_repo.mkdir()
     (fake_repo / "main_lora.py").write_text(textwrap.dedent("""
-        import argparse, json, sys
-        from pathlib import Path
-        from utils.config import RunConfig, run_dir
-        p = argparse.ArgumentParser()
-        for flag in ("--dataset", "--model_name", "--output_dir"):
-            p.add_argument(flag)
-        for flag in ("--seed", "--shots"):
-            p.add_argument(flag, type=int)
-        p.add_argument("--lr", type=float)
-        a = p.parse_args()
+        import json, sys
+        from utils.cli import parse_config
+        from utils.config import run_dir
+        c = parse_config(sys.argv[1:], "lora")
         print("hello from stdout")
-        if a.seed % 2:
+        if c.seed % 2:
             sys.exit("odd seed: failing on purpose")
-        c = RunConfig(experiment=2, dataset=a.dataset, model_name=a.model_name, seed=a.seed, shots=a.shots,
-                      lr=a.lr, output_dir=a.output_dir)
         run_dir(c).mkdir(parents=True)
-        (run_dir(c) / "results.json").write_text(json.dumps({"config": c.to_dict()}))
+        metrics = {"balanced_accuracy": 0.5}
+        (run_dir(c) / "results.json").write_text(json.dumps({"schema_version": 2, "config": c.to_dict(),
+            "method": c.method, "metrics": {"val": metrics, "test": metrics}}))
     """))
     monkeypatch.setattr(sweep, "REPO_ROOT", fake_repo)
     monkeypatch.setenv("PYTHONPATH", str(REPO))
@@ -240,7 +244,8 @@ def test_slurm_submits_when_sbatch_exists(tmp_path):
     (["--shots", "0"], "--shots"),
     (["--percentages", "10"], "--percentages"),
     (["--extra", "--seed 3"], "--seed"),
-    (["--extra", "--params qz"], "'z'"),
+    (["--extra", "--params qz"], "'qz'"),
+    (["--methods", "lora nope"], "nope"),
     (["--seeds", "1 1"], "share the run folder"),
     (["--experiment", "4"], "--experiment"),
     (["--root_path", "/no/such/folder"], "/no/such/folder"),
@@ -261,7 +266,7 @@ def test_mistakes_exit_2_with_one_line(tmp_path, args, culprit):
 
 def test_launch_without_arguments_prints_usage():
     done = launch()
-    assert done.returncode == 2 and "usage: bash launch_run.sh --experiment" in done.stderr
+    assert done.returncode == 2 and "usage: bash launch_run.sh" in done.stderr
 
 
 def _write_fixture(root: Path) -> None:
@@ -302,3 +307,20 @@ def test_end_to_end_sweep_then_rerun_then_report(tmp_path):
         rows = list(csv.DictReader(handle))
     got = sorted((r["shots"], r["n_seeds"], r["seeds"]) for r in rows)
     assert got == [("1", "2", "1;2"), ("2", "2", "1;2")]
+
+
+def test_methods_run_on_the_same_grid_each_from_its_entry_point_with_only_its_flags(tmp_path):
+    done = launch("--methods", "linear knn lora", "--datasets", "demo", "--models", "tiny_clip", "--shots", "2",
+                  "--seeds", "1", "--output_dir", str(tmp_path), "--extra", "--r 4 --k 3 --batch_size 4",
+                  "--dry_run")
+    assert done.returncode == 0, done.stderr
+    commands = done.stdout.strip().splitlines()[1:]
+    by_method = {c.split("--method ")[1].split()[0]: c for c in commands}
+    assert sorted(by_method) == ["knn", "linear", "lora"]
+    assert by_method["linear"].startswith("python main.py") and by_method["knn"].startswith("python main.py")
+    assert by_method["lora"].startswith("python main_lora.py")
+    assert "--r 4" in by_method["lora"] and "--k" not in by_method["lora"]
+    assert "--k 3" in by_method["knn"] and "--r" not in by_method["knn"]
+    assert "--r" not in by_method["linear"] and "--k" not in by_method["linear"]
+    assert all("--batch_size 4" in c for c in commands)  # a run flag reaches every method
+    assert "/knn-k3/" in by_method["knn"] and "/lora-qv-r4-all-vision/" in by_method["lora"]

@@ -1,10 +1,6 @@
-"""Shared run machinery: configuration, errors, metrics, results, training, reports.
+"""The engine and the tools around it: configuration, command line, run sequence, trainer,
+evaluation, metrics, results, sweeps and reports.
 
-Only light modules are imported here so that ``import utils`` stays fast; import the
-heavier ones (``utils.trainer``, ``utils.report``) where they are needed.
+Nothing is imported here so that ``import utils.config`` stays fast; import the modules
+you need (``utils.engine``, ``utils.report``) where they are needed.
 """
-
-from common.errors import UserError
-from utils.config import RunConfig, is_finished, run_dir
-
-__all__ = ["RunConfig", "UserError", "is_finished", "run_dir"]

@@ -1,19 +1,24 @@
-"""Command-line parsing shared by main.py and main_lora.py, and the error boundary of both."""
+"""The one command-line parser of every run (main.py, main_lora.py and each sweep run) and its error boundary.
+
+Run flags come from two places only: the RunConfig fields below and each method's settings
+dataclass (``methods/``). A flag of another method is an error, not silently ignored.
+Precedence: RunConfig defaults < the method's own lr < --preset < flags given.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import typing
 from collections.abc import Callable, Sequence
 
 from common.errors import UserError, exit_status
 from utils.config import RunConfig
+from utils.presets import PRESETS
 
-DEMO_BANNER = (
-    "SYNTHETIC DEMO: generated cell images and a small randomly initialised model, run offline. "
-    "The numbers show that the pipeline learns; they are not a medical result."
-)
+DEFAULTS = RunConfig()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,84 +37,183 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
-def build_parser(lora: bool) -> argparse.ArgumentParser:
-    """The paper's flags, plus ours; `lora` adds the LoRA and percentage flags."""
-    d = RunConfig()
-    prog = "main_lora.py" if lora else "main.py"
-    what = "LoRA fine-tuning (experiments 2 and 3)" if lora else "frozen backbone + linear head (experiment 1)"
-    p = _Parser(prog=prog, description=f"cytology-lora: {what}. With no arguments, runs the offline demo.")
+def _d(name: str) -> str:
+    value = getattr(DEFAULTS, name)
+    return f" (default: {value})" if value not in (None, "") else ""
+
+
+def _add(group, *flags: str, help: str = "", default_of: str | None = None, **kw) -> None:
+    text = help + (_d(default_of) if default_of else "")
+    group.add_argument(*flags, default=argparse.SUPPRESS, help=text, **kw)
+
+
+def _model_help() -> str:
+    from models.registry import valid_keys_text
+
+    return f"model key: {valid_keys_text()} (default: clip; tiny_clip on the demo dataset)"
+
+
+def _method_flag(hint: object) -> dict:
+    """argparse keywords for one settings field, from its type hint."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return {"nargs": "+"}
+    if origin is typing.Literal:
+        return {"choices": typing.get_args(hint)}
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return {"type": {bool: _bool, int: int, float: float}.get(args[0], str)}
+
+
+def method_flags() -> dict[str, list[str]]:
+    """Each method-settings flag and the methods that take it."""
+    from methods import methods
+
+    out: dict[str, list[str]] = {}
+    for m in methods():
+        for f in m.setting_fields():
+            out.setdefault(f.name, []).append(m.name)
+    return out
+
+
+def _add_method_flags(p: argparse.ArgumentParser) -> None:
+    from methods import methods
+    from methods.registry import help_of
+
+    seen: dict[str, str] = {}
+    for m in methods():
+        fields = m.setting_fields()
+        if not fields:
+            continue
+        hints = typing.get_type_hints(m.settings)
+        group = p.add_argument_group(f"--method {m.name}", m.description)
+        for f in fields:
+            if f.name in seen:
+                continue
+            seen[f.name] = m.name
+            others = [t for t in method_flags()[f.name] if t != m.name]
+            also = f"; also for {', '.join(others)}" if others else ""
+            default = " ".join(f.default) if isinstance(f.default, tuple) else f.default
+            group.add_argument(f"--{f.name}", default=argparse.SUPPRESS, **_method_flag(hints[f.name]),
+                               help=f"{help_of(f)} (default: {default}{also})")
+
+
+def build_parser(default_method: str, prog: str) -> argparse.ArgumentParser:
+    """The run parser; `default_method` is what --method defaults to for this entry point."""
+    from methods import method_names
+
+    p = _Parser(prog=prog, allow_abbrev=False,
+                description=f"cytology-lora: adapt a foundation model to a dataset (default --method "
+                            f"{default_method}). With no arguments, runs the offline demo.")
+    g = p.add_argument_group("method")
+    _add(g, "--method", choices=method_names(), help=f"adaptation method (default: {default_method}); "
+         "python -m methods list describes them")
+    _add(g, "--preset", choices=tuple(PRESETS), help="the paper's command for experiment 1, 2 or 3 (flags "
+         "given explicitly override it)")
     g = p.add_argument_group("data")
-    g.add_argument("--root_path", default=d.root_path, help="folder holding the datasets")
-    g.add_argument("--dataset", default=d.dataset, help="mlcc, bcfc, sipakmed, hicervix, folder or demo")
-    g.add_argument("--level", default=None, help="HiCervix labels: level_1, level_2, level_3 (default), class_name")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--shots", type=int, default=d.shots, help="images per class; -1 = all; 0 with --pourcentage")
-    g.add_argument("--num_classes", type=int, default=None, help="optional; checked against the data")
+    _add(g, "--root_path", help="folder holding the datasets")
+    _add(g, "--dataset", help="mlcc, bcfc, sipakmed, hicervix, folder or demo", default_of="dataset")
+    _add(g, "--level", help="HiCervix labels: level_1, level_2, level_3 (default), class_name")
+    _add(g, "--seed", type=int, default_of="seed")
+    _add(g, "--shots", type=int, help="images per class; -1 = all; 0 with --pourcentage", default_of="shots")
+    _add(g, "--pourcentage", "--percentage", dest="percentage", type=float,
+         help="with --shots 0: percent of each class used for train and val")
+    _add(g, "--num_classes", type=int, help="optional; checked against the data")
     g = p.add_argument_group("model")
-    g.add_argument("--model_name", default=d.model_name, help="clip, quilt, biomedclip, uni, vit_google, ...")
-    g.add_argument("--backbone", default=d.backbone, help="CLIP backbone: ViT-B/16, ViT-B/32 or ViT-L/14")
-    g.add_argument("--weights", default=None, help="local weights file or folder, or 'random'")
-    g.add_argument("--textual", type=_bool, default=d.textual, help="True: start the head from text embeddings")
+    _add(g, "--model_name", help=_model_help())
+    _add(g, "--backbone", help="for models with a choice of backbones (clip: ViT-B/16 default, ViT-B/32, ViT-L/14)")
+    _add(g, "--weights", help="local weights file or folder, or 'random'")
     g = p.add_argument_group("training")
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--n_iters", type=int, default=d.n_iters)
-    g.add_argument("--batch_size", type=int, default=d.batch_size)
-    g.add_argument("--checkpoint_every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
-    if lora:
-        g.add_argument(
-            "--pourcentage", "--percentage", dest="percentage", type=float, default=None,
-            help="with --shots 0: percent of each class used for train and val",
-        )
-        g = p.add_argument_group("LoRA")
-        g.add_argument("--position", default=d.position, help="bottom, mid, up, half-up, half-bottom, all, top, top3")
-        g.add_argument("--encoder", default=d.encoder, help="vision, text or both")
-        g.add_argument("--params", nargs="+", default=list(d.params), help='q k v o and/or pw; "q v", q v or qv')
-        g.add_argument("--r", type=int, default=d.r)
-        g.add_argument("--alpha", type=float, default=d.alpha)
-        g.add_argument("--dropout_rate", type=float, default=d.dropout_rate)
-        g.add_argument("--scaling", default=d.scaling, help="sqrt: alpha/sqrt(r) (the paper); standard: alpha/r")
-        g.add_argument("--eval_only", action="store_true", help="evaluate saved adapters (needs --lora_path)")
-        g.add_argument("--lora_path", default=None, help="run folder or lora.safetensors to evaluate")
+    _add(g, "--lr", type=float, help="learning rate (default: 0.0002, or the method's own: full 1e-05)")
+    _add(g, "--n_iters", type=int, help="few-shot: n_iters x K steps; otherwise n_iters epochs; plus "
+         "--warmup_steps", default_of="n_iters")
+    _add(g, "--batch_size", type=int, default_of="batch_size")
+    _add(g, "--warmup_steps", type=int, default_of="warmup_steps")
+    _add(g, "--weight_decay", type=float, default_of="weight_decay")
+    _add(g, "--checkpoint_every", type=int, help="steps between checkpoints", default_of="checkpoint_every")
+    _add_method_flags(p)
     g = p.add_argument_group("run")
-    g.add_argument("--output_dir", default=d.output_dir)
-    g.add_argument("--device", default=d.device, help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps, cpu")
-    g.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
-    g.add_argument("--num_workers", type=int, default=d.num_workers)
-    g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline without a login)")
-    g.add_argument("--overwrite", action="store_true", help="replace a finished run in the same folder")
+    _add(g, "--output_dir", default_of="output_dir")
+    _add(g, "--device", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps, cpu", default_of="device")
+    _add(g, "--precision", choices=["auto", "fp32", "bf16", "fp16"], default_of="precision")
+    _add(g, "--num_workers", type=int, default_of="num_workers")
+    _add(g, "--wandb", action="store_const", const=True, help="log to Weights & Biases (offline without a login)")
+    _add(g, "--overwrite", action="store_const", const=True, help="replace a finished run in the same folder")
+    _add(g, "--eval_only", action="store_const", const=True, help="evaluate a finished run's saved weights "
+         "(needs --run)")
+    _add(g, "--run", "--lora_path", dest="run", help="run folder whose weights --eval_only evaluates")
     return p
 
 
-def _demo_overrides(lora: bool) -> dict:
-    """The settings of the no-argument demo: small, offline, a few minutes on two CPU cores."""
-    return dict(dataset="demo", model_name="tiny_clip", shots=16, n_iters=25 if lora else 100,
-                lr=1e-3 if lora else 1e-2, batch_size=32, demo=True, output_dir=os.path.join("results", "demo"))
+def _demo_overrides(inputs: str) -> dict:
+    """The settings of the no-argument demo: small, offline, under a minute on two CPU cores."""
+    on_images = inputs == "images"
+    return dict(dataset="demo", model_name="tiny_clip", shots=16, n_iters=25 if on_images else 100,
+                lr=1e-3 if on_images else 1e-2, batch_size=32, demo=True, output_dir=os.path.join("results", "demo"))
 
 
-def parse_config(argv: Sequence[str] | None, lora: bool) -> RunConfig:
-    """Parse arguments into a RunConfig; no arguments at all means the demo."""
+def parse_config(argv: Sequence[str] | None, default_method: str = "lora", prog: str | None = None) -> RunConfig:
+    """Parse arguments into a resolved RunConfig; no arguments at all means the demo."""
+    from methods import get_method
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(lora).parse_args(argv)
-    values = vars(args)
-    config = RunConfig(**{k: v for k, v in values.items() if k in RunConfig.__dataclass_fields__})
+    prog = prog or ("main_lora.py" if default_method == "lora" else "main.py")
+    given = vars(build_parser(default_method, prog).parse_args(argv))
+    preset = dict(PRESETS.get(given.get("preset"), {}))
+    method = get_method(given.pop("method", None) or preset.pop("method", None) or default_method)
+    preset.pop("method", None)
+    values: dict = {}
+    if method.lr is not None:
+        values["lr"] = method.lr
+    values.update({k: v for k, v in preset.items() if k in RunConfig.__dataclass_fields__ or k in _fields(method)})
     if not argv:
-        for key, value in _demo_overrides(lora).items():
-            setattr(config, key, value)
-    if config.percentage == 0 and config.shots != 0:
-        config.percentage = None  # the paper's scripts pass --pourcentage 0 to mean "not used"
-    if lora:
-        from lora import parse_params
-
-        config.params = tuple(parse_params(args.params))
-        config.experiment = 3 if config.shots == 0 else 2
-    else:
-        config.experiment = 1
-        config.params = ()
-    _validate(config, lora)
+        values.update(_demo_overrides(method.inputs))
+    values.update(given)
+    if "model_name" in given and "backbone" not in given:
+        values["backbone"] = None  # a preset's backbone belongs to the preset's model
+    wrong = sorted(set(given) & (set(method_flags()) - _fields(method)))
+    if wrong:
+        takers = ", ".join(method_flags()[wrong[0]])
+        raise UserError(f"--{wrong[0]} does not apply to --method {method.name} (it is a setting of {takers})")
+    settings = {k: values.pop(k) for k in list(values) if k in _fields(method)}
+    values = {k: v for k, v in values.items() if k in RunConfig.__dataclass_fields__}
+    config = RunConfig(method=method.name, **values)
+    config.method_settings = _resolve_settings(method, settings)
+    _resolve(config, given, preset)
+    config.experiment = method.experiment(config)
+    _validate(config)
     return config
 
 
-def _validate(config: RunConfig, lora: bool) -> None:
+def _fields(method) -> set[str]:
+    return {f.name for f in method.setting_fields()}
+
+
+def _resolve_settings(method, settings: dict) -> dict:
+    from methods.registry import settings_dict
+
+    if "params" in settings and isinstance(settings["params"], list):
+        settings["params"] = tuple(settings["params"])
+    return settings_dict(method.resolve(settings))
+
+
+def _resolve(config: RunConfig, given: dict, preset: dict) -> None:
+    """Model, backbone and label level resolved through their registries, so folders name what runs."""
+    from datasets.registry import resolve_level
+    from models.registry import resolve, resolve_backbone
+
+    if config.percentage == 0 and config.shots != 0:
+        config.percentage = None  # the paper's scripts pass --pourcentage 0 to mean "not used"
+    if "model_name" not in given and "model_name" not in preset and not config.demo:
+        config.model_name = "tiny_clip" if config.dataset == "demo" else "clip"
+    entry, _ = resolve(config.model_name)
+    config.backbone = resolve_backbone(entry, config.model_name, config.backbone)
+    level = config.level if "level" in given else None
+    if level is None and "level" in preset:
+        level = preset["level"] if resolve_level(config.dataset, None) else None
+    config.level = resolve_level(config.dataset, level)
+
+
+def _validate(config: RunConfig) -> None:
     """Checks that need no data or model; the rest happens where the data and model are known."""
     if config.shots < -1:
         raise UserError(
@@ -124,16 +228,18 @@ def _validate(config: RunConfig, lora: bool) -> None:
     for name in ("n_iters", "batch_size"):
         if getattr(config, name) < 1:
             raise UserError(f"--{name} must be at least 1")
+    if config.warmup_steps < 0:
+        raise UserError(f"--warmup_steps must be at least 0, got {config.warmup_steps}")
     if config.lr <= 0:
         raise UserError(f"--lr must be positive, got {config.lr:g}")
-    if lora and config.r < 1:
-        raise UserError(f"--r {config.r} is invalid: the LoRA rank must be at least 1")
-    if lora and not 0 <= config.dropout_rate < 1:
-        raise UserError(f"--dropout_rate {config.dropout_rate:g} must be in [0, 1)")
-    if config.eval_only and not config.lora_path:
-        raise UserError("--eval_only needs --lora_path (a run folder or its lora.safetensors)")
+    if config.eval_only and not config.run:
+        raise UserError("--eval_only needs --run (a finished run folder)")
     if config.weights and config.weights != "random" and not os.path.exists(config.weights):
         raise UserError(f"--weights {config.weights} does not exist: give a local weights file or folder, or 'random'")
+
+
+def config_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(RunConfig))
 
 
 def run_cli(main: Callable[[], int]) -> int:

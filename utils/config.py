@@ -1,26 +1,26 @@
 """The settings of one run and the folder its results live in.
 
-This module must stay importable without torch: the sweep launcher uses it to decide,
-in a fraction of a second, which runs are already finished.
+Method-specific settings live in each method's settings dataclass (``methods/``); a run
+records the active method's resolved settings in ``method_settings``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from datasets.layouts import DEFAULT_HICERVIX_LEVEL
-
-RESULTS_FILE = "results.json"
 
 
 @dataclass
 class RunConfig:
     """Every setting of a run; saved in full with its results."""
 
-    experiment: int = 2
+    method: str = "lora"
+    method_settings: dict = field(default_factory=dict)
+    preset: str | None = None
+    experiment: int = 0  # the paper's experiment this run corresponds to (0: none); a label, not a switch
     root_path: str = ""
     dataset: str = "demo"
     level: str | None = None
@@ -28,25 +28,16 @@ class RunConfig:
     shots: int = 16
     percentage: float | None = None
     model_name: str = "tiny_clip"
-    backbone: str = "ViT-B/16"
+    backbone: str | None = None
     weights: str | None = None
     num_classes: int | None = None
-    textual: bool = False
-    # optimisation (the paper's defaults)
+    # optimisation (CLIP-LoRA's defaults; --preset expN sets the paper's own commands)
     lr: float = 2e-4
     n_iters: int = 500
     batch_size: int = 32
     weight_decay: float = 1e-2
     warmup_steps: int = 50
     min_lr: float = 1e-6
-    # LoRA
-    position: str = "all"
-    encoder: str = "vision"
-    params: tuple[str, ...] = ("q", "k", "v")
-    r: int = 2
-    alpha: float = 1.0
-    dropout_rate: float = 0.25
-    scaling: str = "sqrt"
     # runtime
     output_dir: str = "results"
     device: str = "auto"
@@ -54,36 +45,36 @@ class RunConfig:
     num_workers: int = 2
     wandb: bool = False
     eval_only: bool = False
-    lora_path: str | None = None
+    run: str | None = None
     overwrite: bool = False
     checkpoint_every: int = 200
     demo: bool = False
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        # The label level exists for HiCervix only; normalising it here keeps one folder per run
-        # whether or not --level was given.
-        if self.dataset == "hicervix":
-            self.level = self.level or DEFAULT_HICERVIX_LEVEL
-        else:
-            self.level = None
-
-    @property
-    def method(self) -> str:
-        return "linear" if self.experiment == 1 else "lora"
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["params"] = list(self.params)
-        return d
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
         known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known}
-        if "params" in kwargs:
-            kwargs["params"] = tuple(kwargs["params"])
-        return cls(**kwargs)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# Settings that say where or how a run executes, not what it computes: a checkpoint resumes
+# across them, and the report groups runs without them.
+RUNTIME_FIELDS = frozenset({"output_dir", "device", "num_workers", "wandb", "overwrite", "eval_only", "run",
+                            "checkpoint_every", "root_path", "demo"})
+# Recorded, but derived from the others: two runs that differ only here compute the same thing.
+DERIVED_FIELDS = frozenset({"preset", "experiment"})
+
+
+def computing_settings(config: RunConfig) -> dict:
+    """The settings that change what a run computes."""
+    return {k: v for k, v in config.to_dict().items() if k not in RUNTIME_FIELDS | DERIVED_FIELDS}
+
+
+def fingerprint(config: RunConfig) -> str:
+    """Hash of the settings that define what a run computes (a checkpoint resumes only under the same)."""
+    return hashlib.sha256(json.dumps(computing_settings(config), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _num(x: float) -> str:
@@ -92,9 +83,9 @@ def _num(x: float) -> str:
 
 
 def model_label(config: RunConfig) -> str:
-    """The model as results name it: key, backbone for CLIP, and '-random' for random init."""
+    """The model as results name it: key, backbone where the model has a choice, '-random' for random init."""
     label = config.model_name.replace(":", "-")
-    if config.model_name == "clip":
+    if config.backbone:
         label += "-" + config.backbone.replace("/", "")
     if config.weights == "random":
         label += "-random"
@@ -102,11 +93,11 @@ def model_label(config: RunConfig) -> str:
 
 
 def method_label(config: RunConfig) -> str:
-    """Linear head (optionally text-initialised) or LoRA with its placement."""
-    if config.experiment == 1:
-        return "linear-textual" if config.textual else "linear"
-    params = "".join(config.params)
-    return f"lora-{params}-r{config.r}-{config.position}-{config.encoder}"
+    """The method and the settings that matter most, as the method names them."""
+    from methods import get_method
+
+    method = get_method(config.method)
+    return method.folder_label(method.resolve(config.method_settings))
 
 
 def data_label(config: RunConfig) -> str:
@@ -117,27 +108,12 @@ def data_label(config: RunConfig) -> str:
 
 
 def run_dir(config: RunConfig) -> Path:
-    """The folder of one run, a pure function of the settings that define it."""
+    """The folder of one run: readable parts, then a short hash of every computing setting.
+
+    Two runs that compute different things never share a folder; a rerun of the same settings
+    finds its own folder (and skips or resumes it).
+    """
     dataset = f"{config.dataset}-{config.level}" if config.level else config.dataset
-    return (
-        Path(config.output_dir)
-        / f"exp{config.experiment}"
-        / dataset
-        / model_label(config)
-        / method_label(config)
-        / data_label(config)
-        / f"lr{_num(config.lr)}"
-        / f"seed{config.seed}"
-    )
-
-
-def is_finished(folder: Path) -> bool:
-    """A run is finished when its results.json exists and parses."""
-    path = Path(folder) / RESULTS_FILE
-    if not path.is_file():
-        return False
-    try:
-        json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return True
+    top = f"exp{config.experiment}" if config.experiment else "runs"
+    return (Path(config.output_dir) / top / dataset / model_label(config) / method_label(config)
+            / data_label(config) / f"lr{_num(config.lr)}" / f"seed{config.seed}-{fingerprint(config)[:8]}")

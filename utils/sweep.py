@@ -1,23 +1,23 @@
-"""Resumable sweeps: every combination of datasets x models x weights x shots (or percentages) x lrs x seeds.
+"""Resumable sweeps: every combination of methods x datasets x models x weights x shots (or percentages)
+x lrs x seeds.
 
-One process expands the whole grid, checks which run folders already hold a finished
-results.json (without importing torch or loading a model), then prints the pending commands
-(--dry_run), runs them here (sequentially, or one worker per GPU with --gpus) or writes a
-SLURM array script (--slurm). ``bash launch_run.sh`` is a thin wrapper around this module.
+One process expands the whole grid, builds each run's argument list and checks it with the
+same parser the entry points use (so the run folder the sweep expects is the one the run
+writes), skips runs whose folder already holds a finished results.json, then prints the
+pending commands (--dry_run), runs them here (sequentially, or one worker per GPU with
+--gpus) or writes a SLURM array script (--slurm). ``bash launch_run.sh`` is a thin wrapper.
 
-Pretrained and random-init weights in one sweep: ``--weights "pretrained random"`` (the
-default is ``pretrained``, the model's usual weights). Random-init runs get a model label
-ending in ``-random``, so the report shows both side by side and pairs them by seed.
+``--experiment N`` applies the paper's preset N to every run; ``--methods "linear knn lora"``
+runs several methods on the same splits, each from the entry point its method belongs to,
+and ``--extra`` flags reach only the methods that take them.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import os
 import queue
-import re
 import shlex
 import shutil
 import subprocess
@@ -25,24 +25,23 @@ import sys
 import threading
 import time
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import UserError
-from utils.config import RESULTS_FILE, RunConfig, is_finished, run_dir
+from utils.config import RunConfig, run_dir
+from utils.results import RESULTS_FILE, is_finished
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = {1: "main.py", 2: "main_lora.py", 3: "main_lora.py"}
 DEFAULT_SHOTS = "1 2 4 8 16"
 DEFAULT_SEEDS = "1 2 3"
 DEFAULT_PERCENTAGES = "1 10 50 100"
 PRETRAINED_TOKENS = ("pretrained", "default")
-PARAM_LETTERS = ("q", "k", "v", "o", "pw")
 # Grid axes belong to the sweep's own options; repeating them in --extra would desynchronise
 # the run folder the sweep checks from the one the entry point writes.
-SWEEP_OWNED = ("dataset", "model_name", "seed", "shots", "lr", "percentage", "output_dir", "root_path",
-               "level", "weights", "n_iters")
+SWEEP_OWNED = ("method", "preset", "dataset", "model_name", "seed", "shots", "lr", "percentage", "output_dir",
+               "root_path", "level", "weights", "n_iters")
 
 
 class SweepError(UserError):
@@ -99,21 +98,25 @@ def build_parser() -> argparse.ArgumentParser:
     """The sweep's command line."""
     p = _Parser(prog="launch_run.sh", allow_abbrev=False,
                 description="Run every combination of a grid of experiments, skipping finished ones.")
-    p.add_argument("--experiment", type=int, required=True, choices=(1, 2, 3),
-                   help="1 = linear head (main.py), 2 = LoRA few-shot, 3 = LoRA on a percentage")
+    p.add_argument("--experiment", type=int, default=None, choices=(1, 2, 3),
+                   help="apply the paper's preset for experiment 1 (linear head), 2 (LoRA few-shot) or 3 "
+                        "(LoRA on a percentage) to every run")
+    p.add_argument("--methods", default=None,
+                   help='space-separated methods, e.g. "linear knn lora" (default: the preset\'s, else lora)')
     p.add_argument("--datasets", required=True, help='space-separated dataset names, e.g. "sipakmed mlcc"')
     p.add_argument("--models", required=True, help='space-separated model keys, e.g. "clip uni"')
-    p.add_argument("--shots", default=None, help=f'experiments 1 and 2 (default "{DEFAULT_SHOTS}"; -1 = all)')
-    p.add_argument("--percentages", default=None, help=f'experiment 3 (default "{DEFAULT_PERCENTAGES}")')
+    p.add_argument("--shots", default=None, help=f'few-shot K values (default "{DEFAULT_SHOTS}"; -1 = all)')
+    p.add_argument("--percentages", default=None,
+                   help=f'percentages of each class, run with --shots 0 (experiment 3 default "{DEFAULT_PERCENTAGES}")')
     p.add_argument("--seeds", default=DEFAULT_SEEDS)
-    p.add_argument("--lrs", default=None, help=f"learning rates (default {RunConfig.lr})")
+    p.add_argument("--lrs", default=None, help="learning rates (default: each method's own)")
     p.add_argument("--weights", default="pretrained",
                    help='space-separated: "pretrained" (usual weights), "random", or a local file per entry')
     p.add_argument("--level", default=None, help="HiCervix label level(s), applied to hicervix only")
     p.add_argument("--root_path", default=None)
     p.add_argument("--output_dir", default=RunConfig.output_dir)
     p.add_argument("--n_iters", type=int, default=None)
-    p.add_argument("--extra", default="", help='flags passed to every run, e.g. "--params pw --r 4"')
+    p.add_argument("--extra", default="", help='flags for the runs whose method takes them, e.g. "--r 4 --k 10"')
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry_run", action="store_true", help="print the pending commands and exit")
     mode.add_argument("--slurm", action="store_true", help="write (and submit if sbatch exists) an array job")
@@ -142,74 +145,38 @@ def _numbers(text: str, option: str, kind: type) -> list[tuple[str, float | int]
     return out
 
 
-def parse_params(tokens: Sequence[str]) -> tuple[str, ...]:
-    """LoRA letters from "q v", "qkv", "q,v" or "pw" forms, in the canonical order the entry points store."""
-    found: set[str] = set()
-    for token in re.split(r"[\s,;+]+", " ".join(tokens).strip().lower()):
-        i = 0
-        while i < len(token):
-            letter = "pw" if token.startswith("pw", i) else token[i]
-            if letter not in PARAM_LETTERS:
-                raise SweepError(f"--extra --params: unknown projection {letter!r}; use {PARAM_LETTERS}")
-            found.add(letter)
-            i += len(letter)
-    if not found:
-        raise SweepError(f"--extra --params is empty; use letters of {PARAM_LETTERS}")
-    # Canonical order, like lora.parse_params: "v q" and "q v" are one setting and one run folder.
-    return tuple(letter for letter in PARAM_LETTERS if letter in found)
-
-
-def _to_bool(text: str) -> bool:
-    """True/False in the forms the entry points accept."""
-    low = str(text).strip().lower()
-    if low in ("true", "1", "yes", "y"):
-        return True
-    if low in ("false", "0", "no", "n"):
-        return False
-    raise ValueError(text)
-
-
-def _field_converter(hint: object) -> Callable[[str], object]:
-    """A converter for one RunConfig field, from its type hint."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    base = typing.get_origin(args[0]) or args[0]
-    return {bool: _to_bool, int: int, float: float}.get(base, str)
-
-
-def parse_extra(extra: str) -> tuple[dict, list[str]]:
-    """Split --extra into RunConfig overrides (so run folders are right) and the tokens passed through."""
+def split_flags(extra: str) -> list[list[str]]:
+    """--extra as groups of one flag and its values ("--params q v --r 4" -> [[--params, q, v], [--r, 4]])."""
     try:
         tokens = shlex.split(extra)
     except ValueError as exc:
         raise SweepError(f"--extra: cannot split {extra!r} ({exc})") from None
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    hints = typing.get_type_hints(RunConfig)
-    fields = [f.name for f in dataclasses.fields(RunConfig) if f.name not in ("extra", "experiment")]
-    for name in fields:
-        if name == "params":
-            parser.add_argument("--params", nargs="+")
-        elif hints[name] is bool:
-            parser.add_argument(f"--{name}", nargs="?", const="True")
+    groups: list[list[str]] = []
+    for token in tokens:
+        if token.startswith("--"):
+            groups.append([token])
+        elif not groups:
+            raise SweepError(f"--extra must start with a flag, got {token!r}")
         else:
-            parser.add_argument(f"--{name}")
-    parser.add_argument("--pourcentage", dest="percentage_alias")
-    known, _ = parser.parse_known_args(tokens)
-    given = {k: v for k, v in vars(known).items() if v is not None}
-    if "percentage_alias" in given:
-        given["percentage"] = given.pop("percentage_alias")
-    owned = sorted(set(given) & set(SWEEP_OWNED))
-    if owned:
-        raise SweepError(f"--extra sets --{owned[0]}, which is a sweep option; give it to the sweep directly")
-    overrides: dict = {}
-    for name, value in given.items():
-        if name == "params":
-            overrides[name] = parse_params(value)
-            continue
-        try:
-            overrides[name] = _field_converter(hints[name])(value)
-        except ValueError:
-            raise SweepError(f"--extra: --{name} got {value!r}, which is not a valid value") from None
-    return overrides, tokens
+            groups[-1].append(token)
+    for group in groups:
+        name = group[0][2:].split("=", 1)[0]
+        if name in SWEEP_OWNED or name == "pourcentage":
+            raise SweepError(f"--extra sets --{name}, which is a sweep option; give it to the sweep directly")
+    return groups
+
+
+def flags_for(method: str, groups: list[list[str]]) -> list[str]:
+    """The --extra flags that apply to `method`: run flags of every method, and this method's own."""
+    from utils.cli import method_flags
+
+    owners = method_flags()
+    out: list[str] = []
+    for group in groups:
+        name = group[0][2:].split("=", 1)[0]
+        if name not in owners or method in owners[name]:
+            out += group
+    return out
 
 
 def _weights_list(text: str) -> list[str | None]:
@@ -225,78 +192,86 @@ def _weights_list(text: str) -> list[str | None]:
     return out
 
 
-def _data_axis(args: argparse.Namespace) -> list[tuple[int, tuple[str, float] | None]]:
-    """(shots, percentage) pairs: shots for experiments 1 and 2, percentages (shots 0) for experiment 3."""
-    if args.experiment == 3:
+def _data_axis(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """(shots, percentage) texts: few-shot K values, or percentages run with --shots 0."""
+    if args.percentages is not None or (args.experiment == 3 and args.shots is None):
         if args.shots is not None:
-            raise SweepError("--shots does not apply to experiment 3 (it uses --shots 0); give --percentages")
+            raise SweepError("--shots and --percentages exclude each other (percentages run with --shots 0)")
         pcts = _numbers(args.percentages or DEFAULT_PERCENTAGES, "--percentages", float)
         for text, value in pcts:
             if not 0 < value <= 100:
                 raise SweepError(f"--percentages: {text} is outside (0, 100]")
-        return [(0, pct) for pct in pcts]
-    if args.percentages is not None:
-        raise SweepError("--percentages applies to experiment 3 only; use --shots for experiments 1 and 2")
+        return [("0", text) for text, _ in pcts]
     shots = _numbers(args.shots or DEFAULT_SHOTS, "--shots", int)
     for text, value in shots:
         if value == 0 or value < -1:
             raise SweepError(f"--shots: {text} is not a shot count; give K >= 1 or -1 for all images")
-    return [(int(value), None) for _, value in shots]
+    return [(text, None) for text, _ in shots]
 
 
-def _entry_args(config: RunConfig, lr_text: str, pct_text: str | None, n_iters: int | None,
-                extra_tokens: list[str]) -> list[str]:
-    """The entry-point arguments for one combination."""
-    args = [ENTRY_POINTS[config.experiment], "--dataset", config.dataset, "--model_name", config.model_name,
-            "--seed", str(config.seed), "--shots", str(config.shots), "--lr", lr_text,
-            "--output_dir", config.output_dir]
-    if config.root_path:
-        args += ["--root_path", config.root_path]
-    if pct_text is not None:
-        args += ["--pourcentage", pct_text]
-    if config.level:
-        args += ["--level", config.level]
-    if config.weights:
-        args += ["--weights", config.weights]
-    if n_iters is not None:
-        args += ["--n_iters", str(n_iters)]
-    return args + extra_tokens
+def _methods(args: argparse.Namespace) -> list[str]:
+    from methods import get_method
+    from utils.presets import PRESETS
+
+    if args.methods is not None:
+        names = _words(args.methods, "--methods")
+    elif args.experiment is not None:
+        names = [PRESETS[f"exp{args.experiment}"]["method"]]
+    else:
+        names = ["lora"]
+    for name in names:
+        get_method(name)  # unknown names fail here, listing the valid ones
+    return names
+
+
+def _job(run_args: list[str], method: str) -> Job:
+    """Check one run's arguments with the entry points' own parser and locate its folder."""
+    from methods import get_method
+    from utils.cli import parse_config
+
+    entry = get_method(method).entry_point
+    try:
+        config = parse_config(run_args, default_method=method, prog=entry)
+    except UserError as exc:
+        raise SweepError(f"a {method} run of this grid is invalid: {exc}") from None
+    return Job(config, [entry, *run_args])
 
 
 def expand(args: argparse.Namespace) -> list[Job]:
     """Every combination of the grid, in a stable order (seeds innermost)."""
-    overrides, extra_tokens = parse_extra(args.extra)
+    groups = split_flags(args.extra)
     output_dir = str(Path(args.output_dir).expanduser().resolve())
-    root_path = ""
+    root: list[str] = []
     if args.root_path:
-        root = Path(args.root_path).expanduser().resolve()
-        if not root.is_dir():
+        path = Path(args.root_path).expanduser().resolve()
+        if not path.is_dir():
             raise SweepError(f"--root_path {args.root_path} is not a folder; give the folder of the datasets")
-        root_path = str(root)
-    lrs = _numbers(args.lrs, "--lrs", float) if args.lrs is not None else [(repr(RunConfig.lr), RunConfig.lr)]
-    seeds = _numbers(args.seeds, "--seeds", int)
+        root = ["--root_path", str(path)]
+    lrs = [t for t, _ in _numbers(args.lrs, "--lrs", float)] if args.lrs is not None else [None]
+    seeds = [t for t, _ in _numbers(args.seeds, "--seeds", int)]
     levels: list[str | None] = _words(args.level, "--level") if args.level else [None]
     if args.n_iters is not None and args.n_iters < 1:
         raise SweepError(f"--n_iters must be at least 1, got {args.n_iters}")
-    base = {**overrides, "experiment": args.experiment, "output_dir": output_dir, "root_path": root_path}
-    if args.experiment == 1:
-        base["params"] = ()  # the linear head has no LoRA letters (as main.py records it)
-    if args.n_iters is not None:
-        base["n_iters"] = args.n_iters
+    common = ["--output_dir", output_dir, *root]
+    common += ["--preset", f"exp{args.experiment}"] if args.experiment else []
+    common += ["--n_iters", str(args.n_iters)] if args.n_iters is not None else []
     jobs: list[Job] = []
-    for dataset in _words(args.datasets, "--datasets"):
-        for level in levels if dataset == "hicervix" else [None]:
-            for model in _words(args.models, "--models"):
-                for weights in _weights_list(args.weights):
-                    for shots, pct in _data_axis(args):
-                        for lr_text, lr in lrs:
-                            for _, seed in seeds:
-                                config = RunConfig(**base, dataset=dataset, level=level, model_name=model,
-                                                   weights=weights, shots=shots, lr=float(lr), seed=int(seed),
-                                                   percentage=None if pct is None else float(pct[1]))
-                                entry = _entry_args(config, lr_text, None if pct is None else pct[0],
-                                                    args.n_iters, extra_tokens)
-                                jobs.append(Job(config, entry))
+    for method in _methods(args):
+        extra = flags_for(method, groups)
+        for dataset in _words(args.datasets, "--datasets"):
+            for level in levels if dataset == "hicervix" else [None]:
+                for model in _words(args.models, "--models"):
+                    for weights in _weights_list(args.weights):
+                        for shots, pct in _data_axis(args):
+                            for lr in lrs:
+                                for seed in seeds:
+                                    run_args = ["--method", method, "--dataset", dataset, "--model_name", model,
+                                                "--seed", seed, "--shots", shots, *common]
+                                    run_args += ["--pourcentage", pct] if pct is not None else []
+                                    run_args += ["--lr", lr] if lr is not None else []
+                                    run_args += ["--level", level] if level else []
+                                    run_args += ["--weights", weights] if weights else []
+                                    jobs.append(_job(run_args + extra, method))
     _refuse_collisions(jobs)
     return jobs
 
@@ -389,11 +364,11 @@ def _sweep_folder(output_dir: str) -> Path:
     return folder
 
 
-def slurm_script(folder: Path, n_tasks: int, experiment: int, options: Sequence[str],
+def slurm_script(folder: Path, n_tasks: int, name: str, options: Sequence[str],
                  max_parallel: int | None = None) -> str:
     """The sbatch array script: task i runs line i+1 of commands.txt unless its run already finished."""
     array = f"0-{n_tasks - 1}" + (f"%{max_parallel}" if max_parallel else "")
-    lines = ["#!/bin/bash", f"#SBATCH --job-name=cytolora-exp{experiment}", f"#SBATCH --array={array}",
+    lines = ["#!/bin/bash", f"#SBATCH --job-name=cytolora-{name}", f"#SBATCH --array={array}",
              f"#SBATCH --output={folder}/logs/task_%a.log"]
     if not any(o.startswith(("--gres", "--gpus", "-G")) for o in options):
         lines.append("#SBATCH --gres=gpu:1")
@@ -419,7 +394,8 @@ def write_slurm(jobs: list[Job], args: argparse.Namespace) -> tuple[Path, int]:
     (folder / "run_dirs.txt").write_text("".join(f"{j.folder}\n" for j in jobs))
     script = folder / "sweep.sbatch"
     options = args.sbatch.split()
-    script.write_text(slurm_script(folder, len(jobs), args.experiment, options, args.max_parallel))
+    script.write_text(slurm_script(folder, len(jobs), f"exp{args.experiment}" if args.experiment else "sweep", options,
+                                    args.max_parallel))
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         print(f"sbatch not found; submit later with: sbatch {script}")

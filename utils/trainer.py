@@ -1,4 +1,4 @@
-"""The training loop shared by the linear head and LoRA: schedule, precision, checkpoints.
+"""The training loop shared by every method: schedule, precision, checkpoints.
 
 Every step's randomness (batch order, augmentation, dropout) is a function of the seed and
 the step number, so a run resumed from a checkpoint continues exactly as if it had never
@@ -138,8 +138,10 @@ def freeze_batchnorm(module: nn.Module) -> None:
 class Trainer:
     """Runs the optimisation of the trainable parameters of one module."""
 
-    def __init__(self, module: nn.Module, settings: TrainSettings, run_dir: Path | None, fingerprint: str):
+    def __init__(self, module: nn.Module, settings: TrainSettings, run_dir: Path | None, fingerprint: str,
+                 checkpoint_name: str = CHECKPOINT_FILE):
         self.module = module
+        self.checkpoint_name = checkpoint_name
         self.s = settings
         self.run_dir = run_dir
         self.fingerprint = fingerprint
@@ -157,7 +159,7 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path | None:
-        return None if self.run_dir is None else self.run_dir / CHECKPOINT_FILE
+        return None if self.run_dir is None else self.run_dir / self.checkpoint_name
 
     def save_checkpoint(self) -> Path | None:
         """Write trainable weights, optimiser, schedule, step and RNG states atomically."""

@@ -1,0 +1,31 @@
+"""Linear probe: a linear head on cached frozen features (the paper's experiment 1)."""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from methods.heads import class_text_embeddings, linear_head
+from methods.registry import Method, Plan, Stage, register
+
+
+@dataclass(frozen=True)
+class LinearSettings:
+    textual: bool = field(default=False, metadata={"help": "True: start the head from text embeddings of the "
+                                                           "class prompts (CLIP-family models)"})
+
+
+def build(ctx, s: LinearSettings) -> Plan:
+    head = linear_head(ctx)
+    if s.textual:
+        with torch.no_grad():
+            head.weight.copy_(class_text_embeddings(ctx))
+            head.bias.zero_()
+    return Plan(head, "features", [Stage("linear", head, "features", ctx.epoch_steps(), ctx.config.lr)])
+
+
+register(Method(
+    name="linear", description="linear head on frozen features (optionally text-initialised)",
+    settings=LinearSettings, inputs="features", build=build,
+    source="the cytology paper, experiment 1 (CLIP-LoRA's linear probe)",
+    label=lambda s: "linear-textual" if s.textual else "linear", paper_experiment=1,
+))

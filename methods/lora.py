@@ -1,0 +1,59 @@
+"""LoRA: low-rank adapters in the backbone's attention (or pointwise convolutions) and a linear head
+(the paper's experiments 2 and 3)."""
+
+from dataclasses import dataclass, field
+
+from lora import LoRASettings, apply_lora, save_lora
+from methods.heads import ImageClassifier, linear_head
+from methods.registry import Method, Plan, Stage, register
+
+_D = LoRASettings()
+
+
+@dataclass(frozen=True)
+class LoRAMethodSettings:
+    params: tuple[str, ...] = field(default=_D.params, metadata={"help": 'q k v o and/or pw; "q v", q v or qv'})
+    r: int = field(default=_D.r, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=_D.alpha, metadata={"help": "LoRA alpha"})
+    dropout_rate: float = field(default=_D.dropout_rate, metadata={"help": "dropout on the LoRA input"})
+    position: str = field(default=_D.position, metadata={"help": "blocks: bottom, mid, up, half-up, half-bottom, "
+                                                                 "all, top, top3"})
+    encoder: str = field(default=_D.encoder, metadata={"help": "towers: vision, text or both"})
+    scaling: str = field(default=_D.scaling, metadata={"help": "sqrt: alpha/sqrt(r) (the paper); standard: "
+                                                               "alpha/r"})
+
+    def __post_init__(self):
+        # one validation, the LoRA package's own; it also puts the letters in canonical order
+        checked = self.lora()
+        object.__setattr__(self, "params", checked.params)
+        object.__setattr__(self, "alpha", checked.alpha)
+        object.__setattr__(self, "dropout_rate", checked.dropout_rate)
+
+    def lora(self, model_key: str | None = None) -> LoRASettings:
+        return LoRASettings(params=self.params, r=self.r, alpha=self.alpha, dropout_rate=self.dropout_rate,
+                            position=self.position, encoder=self.encoder, scaling=self.scaling, model_key=model_key)
+
+
+def build(ctx, s: LoRAMethodSettings) -> Plan:
+    lora = s.lora(ctx.model_label)
+    apply_lora(ctx.spec.model, params=s.params, r=s.r, alpha=s.alpha, dropout_rate=s.dropout_rate,
+               position=s.position, encoder=s.encoder, scaling=s.scaling)
+    model = ImageClassifier(ctx.spec, linear_head(ctx))
+    model.head.requires_grad_(True)
+
+    def export(folder):
+        save_lora(ctx.spec.model, folder / "lora.safetensors", lora)
+
+    return Plan(model, "images", [Stage("lora", model, "images", ctx.paper_steps(), ctx.config.lr)], export=export)
+
+
+def label(s: LoRAMethodSettings) -> str:
+    return f"lora-{''.join(s.params)}-r{s.r}-{s.position}-{s.encoder}"
+
+
+register(Method(
+    name="lora", description="LoRA in the backbone + linear head, trained on images",
+    settings=LoRAMethodSettings, inputs="images", build=build,
+    source="the cytology paper, experiments 2 and 3 (CLIP-LoRA)", label=label,
+    paper_experiment=lambda c: 3 if c.shots == 0 else 2,
+))

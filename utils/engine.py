@@ -1,0 +1,401 @@
+"""The run sequence, once for every method: context, split, model, method, trainer, evaluation, results.
+
+A method (``methods/``) returns a Plan: the classifier to evaluate and the stages that train
+it. Everything else (data, features, the training loop, checkpoints, saving, reloading with
+--eval_only, metrics, results.json, predictions.csv) happens here, the same way for all.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from common.errors import UserError
+from common.io import atomic_write
+from common.seeding import seed_everything
+from methods import get_method
+from methods.registry import Plan, Stage, settings_dict
+from utils import images as img
+from utils import results as res
+from utils.augment import augment_batch, normalise
+from utils.config import RunConfig, fingerprint, model_label, run_dir
+from utils.metrics import compute_metrics
+from utils.tracking import start_tracking
+from utils.trainer import CHECKPOINT_FILE, Trainer, TrainSettings, TrainStats, batch_indices, collect_outputs
+
+WEIGHTS_FILE = "weights.safetensors"
+DEMO_BANNER = (
+    "SYNTHETIC DEMO: generated cell images and a small randomly initialised model, run offline. "
+    "The numbers show that the pipeline learns; they are not a medical result."
+)
+
+
+# -- devices ------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    """auto = cuda, then mps, then cpu; an explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is visible here; use --device cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available here; use --device cpu or auto")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """auto = bf16 on GPUs that support it, fp16 (with loss scaling) on older ones, fp32 elsewhere."""
+    if name != "auto":
+        if name != "fp32" and device.type == "cpu":
+            return name if name == "bf16" else "fp32"
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+# -- the context a method builds from -----------------------------------------------------
+@dataclass
+class RunContext:
+    """What a method sees: settings, split, model, device; frozen features on demand; step budgets."""
+
+    config: RunConfig
+    out: Path
+    split: object
+    spec: object
+    device: torch.device
+    precision: str
+    _features: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def model_label(self) -> str:
+        return model_label(self.config)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return torch.tensor(self.spec.mean, device=self.device)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.tensor(self.spec.std, device=self.device)
+
+    def features(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen backbone features and labels of one part of the split (cached on disk and here)."""
+        if part not in self._features:
+            from utils.features import extract_features
+
+            c = self.config
+            self.spec.model.to(self.device).eval()
+            self._features[part] = extract_features(
+                self.spec, self.split.items(part), self.device, self.precision, c.batch_size, c.num_workers,
+                c.backbone, desc=f"features {part}")
+        return self._features[part]
+
+    def epoch_steps(self) -> int:
+        """Warmup plus n_iters epochs of the train set (the linear probe's budget)."""
+        c = self.config
+        return c.warmup_steps + c.n_iters * max(len(self.split.train) // c.batch_size, 1)
+
+    def paper_steps(self) -> int:
+        """The paper's LoRA budget: warmup + n_iters x K steps few-shot, n_iters epochs otherwise.
+
+        K is the largest number of train images actually drawn for a class, which is smaller than
+        --shots when every class has fewer images than asked.
+        """
+        c = self.config
+        if c.shots > 0:
+            drawn = max(self.split.counts()["train"].values(), default=0)
+            if drawn < c.shots:
+                print(f"note: no class has {c.shots} train images (at most {drawn}); the step budget uses "
+                      f"K = {drawn}", file=sys.stderr)
+            return c.warmup_steps + c.n_iters * max(min(c.shots, drawn), 1)
+        return self.epoch_steps()
+
+
+def load_data(config: RunConfig):
+    """The run's split, checked against --num_classes."""
+    from datasets import load_split
+
+    split = load_split(config.root_path or None, config.dataset, shots=config.shots, seed=config.seed,
+                       level=config.level, percentage=config.percentage)
+    if config.num_classes is not None and config.num_classes != len(split.classes):
+        raise UserError(
+            f"--num_classes {config.num_classes} disagrees with the data: {config.dataset} has "
+            f"{len(split.classes)} classes ({', '.join(split.classes)}); drop the flag or fix it"
+        )
+    return split
+
+
+def prepare_context(config: RunConfig) -> RunContext | None:
+    """Everything that can fail because of a user mistake happens here, before anything is written."""
+    from models import load_model
+
+    out = Path(config.run) if config.eval_only else run_dir(config)
+    if config.dataset == "demo":
+        print(DEMO_BANNER, file=sys.stderr)
+    if not config.eval_only and res.is_finished(out) and not config.overwrite:
+        print(f"already finished: {out / res.RESULTS_FILE} (add --overwrite to run it again)")
+        return None
+    seed_everything(config.seed)
+    split = load_data(config)
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    spec = load_model(config.model_name, backbone=config.backbone, weights=config.weights)
+    spec.model.requires_grad_(False)
+    return RunContext(config, out, split, spec, device, precision)
+
+
+# -- training -------------------------------------------------------------------------------
+def _train_settings(c: RunConfig, ctx: RunContext, stage: Stage) -> TrainSettings:
+    return TrainSettings(lr=stage.lr, weight_decay=c.weight_decay, warmup_steps=c.warmup_steps,
+                         total_steps=stage.steps, min_lr=c.min_lr, seed=c.seed, device=ctx.device,
+                         precision=ctx.precision, checkpoint_every=c.checkpoint_every)
+
+
+def _batches(ctx: RunContext, stage: Stage):
+    """(batches(start), prepare) for a stage: feature rows, or uint8 images augmented on the device."""
+    c = ctx.config
+    if stage.inputs == "features":
+        x, y = ctx.features("train")
+
+        def feature_batches(start: int):
+            for idx in batch_indices(len(y), c.batch_size, c.seed, start):
+                ids = torch.as_tensor(idx)
+                yield x[ids], y[ids]
+
+        return feature_batches, lambda x, g: x
+    data = img.IndexedBatches(ctx.split.train, ctx.spec.input_size, c.num_workers)
+    mean, std = ctx.mean, ctx.std
+
+    def image_batches(start: int):
+        return data.stream(batch_indices(len(data), c.batch_size, c.seed, start))
+
+    if stage.augment:
+        return image_batches, lambda x, g: augment_batch(x, mean, std, g)
+    return image_batches, lambda x, g: normalise(x, mean, std)
+
+
+def train(ctx: RunContext, plan: Plan, tracker) -> tuple[list[dict], int]:
+    """Run every stage in order, each resumable from its own checkpoint.
+
+    Returns one record per stage and the number of parameters that received a gradient.
+    """
+    records, touched = [], {}
+    for i, stage in enumerate(plan.stages):
+        name = CHECKPOINT_FILE if len(plan.stages) == 1 else f"checkpoint-{stage.name}.pt"
+        settings = _train_settings(ctx.config, ctx, stage)
+        trainer = Trainer(stage.module, settings, ctx.out, fingerprint(ctx.config), checkpoint_name=name)
+        if trainer.try_resume():
+            print(f"resuming {stage.name} from step {trainer.step} of {stage.steps}", file=sys.stderr)
+        batches, prepare = _batches(ctx, stage)
+        stats = trainer.fit(batches, prepare, log=tracker.log, desc=f"train {stage.name}")
+        if i < len(plan.stages) - 1:
+            trainer.save_checkpoint()  # a finished stage is not trained again when the run resumes
+        for p in stage.module.parameters():
+            if p.grad is not None:
+                touched[id(p)] = p.numel()
+        records.append(_stage_record(stage, stats))
+    return records, sum(touched.values())
+
+
+def _stage_record(stage: Stage, stats: TrainStats) -> dict:
+    return {"name": stage.name, "inputs": stage.inputs, "steps": stage.steps, "lr": stage.lr,
+            "train_seconds": round(stats.train_seconds, 3), "images_per_second": round(stats.images_per_second, 2),
+            "steps_run": stats.steps, "resumed_from_step": stats.resumed_from}
+
+
+def remove_checkpoints(out: Path) -> None:
+    for path in out.glob("checkpoint*.pt"):
+        path.unlink(missing_ok=True)
+
+
+# -- saving and reloading the trained state -------------------------------------------------
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _identity(ctx: RunContext) -> dict:
+    c = ctx.config
+    return {"method": c.method, "method_settings": json.dumps(c.method_settings, sort_keys=True),
+            "classes": json.dumps(list(ctx.split.classes)), "model": model_label(c)}
+
+
+def save_weights(ctx: RunContext, plan: Plan, folder: Path) -> None:
+    """The trained parameters of the plan's classifier, with what they belong to, in weights.safetensors."""
+    state = trained_state(plan.model)
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata=_identity(ctx)))
+    if plan.export is not None:
+        plan.export(folder)
+
+
+def load_weights(ctx: RunContext, plan: Plan, folder: Path) -> None:
+    """Load what save_weights wrote; a file of another method, settings, model or classes is refused."""
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        raise UserError(f"no trained weights at {path}: point --run at a finished run folder of a trained method")
+    with safe_open(str(path), "pt") as f:
+        saved = f.metadata() or {}
+    for key, value in _identity(ctx).items():
+        if saved.get(key) != value:
+            raise UserError(f"{path} was saved with {key} {saved.get(key)}, but this run has {value}: "
+                            "give the same method, settings, model and data as the saved run")
+    state = load_file(str(path))
+    expected = set(trained_state(plan.model))
+    if set(state) != expected:
+        raise UserError(f"{path} does not match the model built for this run ({len(state)} saved tensors, "
+                        f"{len(expected)} expected): give the same settings as the saved run")
+    plan.model.load_state_dict(state, strict=False)
+
+
+# -- evaluation -----------------------------------------------------------------------------
+@torch.no_grad()
+def predict(ctx: RunContext, plan: Plan, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities and labels of the plan's classifier on one part of the split."""
+    model = plan.model
+    if plan.inputs == "features":
+        x, y = ctx.features(part)
+        model.eval()
+        logits = torch.cat([model(chunk.to(ctx.device)).float().cpu() for chunk in x.split(4096)])
+        return logits.softmax(dim=1), y
+    c = ctx.config
+    samples = ctx.split.items(part)
+    batches = img.iterate_batches(samples, ctx.spec.input_size, c.batch_size, c.num_workers)
+    mean, std = ctx.mean, ctx.std
+    total = -(-len(samples) // c.batch_size)
+    logits, labels = collect_outputs(model, model, batches, lambda x: normalise(x, mean, std), ctx.device,
+                                     ctx.precision, total, desc=f"eval {part}")
+    return logits.softmax(dim=1), labels
+
+
+def evaluate(ctx: RunContext, plan: Plan) -> tuple[dict, list]:
+    """Metrics of val and test, and one prediction row per image."""
+    metrics, rows = {}, []
+    for part in ("val", "test"):
+        samples = ctx.split.items(part)
+        if not samples:
+            continue
+        probs, labels = predict(ctx, plan, part)
+        metrics[part] = compute_metrics(probs.numpy(), labels.numpy(), ctx.split.classes)
+        preds = probs.argmax(dim=1).tolist()
+        for (path, label), pred, p in zip(samples, preds, probs.tolist(), strict=True):
+            rows.append((part, ctx.split.relative(path), label, pred, p))
+    return metrics, rows
+
+
+# -- results ----------------------------------------------------------------------------------
+def _record(ctx: RunContext, plan: Plan, metrics: dict, stages: list[dict], trainable: int, **extra) -> dict:
+    split = ctx.split
+    total = sum(p.numel() for p in {id(p): p for p in _all_parameters(ctx, plan)}.values())
+    return res.build_record(
+        ctx.config.to_dict(),
+        level=split.level, synthetic_demo=ctx.config.dataset == "demo",
+        model={"key": ctx.spec.key, "weights": ctx.spec.weights, "feature_dim": ctx.spec.feature_dim,
+               "input_size": ctx.spec.input_size},
+        classes=list(split.classes), n_train=len(split.train), n_val=len(split.val), n_test=len(split.test),
+        left_out=getattr(split, "left_out", 0), split_sha256=split.sha256,
+        trainable_params=trainable, total_params=total, metrics=metrics, stages=stages,
+        timing={"train_seconds": round(sum(s["train_seconds"] for s in stages), 3),
+                "train_steps": sum(s["steps_run"] for s in stages),
+                "images_per_second": _mean_rate(stages),
+                "resumed_from_step": stages[-1]["resumed_from_step"] if stages else 0},
+        method_notes=plan.notes, env=res.environment(str(ctx.device), ctx.precision), **extra,
+    )
+
+
+def _all_parameters(ctx: RunContext, plan: Plan):
+    yield from ctx.spec.model.parameters()
+    yield from plan.model.parameters()
+
+
+def _mean_rate(stages: list[dict]) -> float:
+    seconds = sum(s["train_seconds"] for s in stages)
+    images = sum(s["images_per_second"] * s["train_seconds"] for s in stages)
+    return round(images / seconds, 2) if seconds > 0 else 0.0
+
+
+def summary(ctx: RunContext, metrics: dict, path: Path, stages: list[dict]) -> None:
+    """A short human summary on stdout."""
+    for part in ("val", "test"):
+        m = metrics.get(part)
+        if m:
+            print(f"{part:>4}: accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}  "
+                  f"macro-F1 {m['macro_f1']:.4f}  (n={m['n']})")
+    for s in stages:
+        if s["steps_run"]:
+            print(f"train {s['name']}: {s['steps_run']} steps in {s['train_seconds']:.1f} s "
+                  f"({s['images_per_second']:.1f} images/s)")
+    print(f"results: {path}")
+    if ctx.config.dataset == "demo":
+        print(DEMO_BANNER)
+
+
+# -- the run ----------------------------------------------------------------------------------
+def run(config: RunConfig) -> int:
+    """One run of any method, from settings to results.json."""
+    method = get_method(config.method)
+    if config.eval_only and not method.trains:
+        raise UserError(f"--eval_only reloads trained weights, and --method {method.name} trains nothing: "
+                        "run it without --eval_only")
+    ctx = prepare_context(config)
+    if ctx is None:
+        return 0
+    plan = method.build(ctx, method.resolve(config.method_settings))
+    plan.model.to(ctx.device)
+    if config.eval_only:
+        return _eval_only(ctx, plan)
+    if config.overwrite:
+        remove_checkpoints(ctx.out)
+    tracker = start_tracking(config.wandb, config.to_dict(), ctx.out, ctx.out.as_posix())
+    stages, trainable = train(ctx, plan, tracker)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    if plan.stages:
+        save_weights(ctx, plan, ctx.out)  # before evaluation: a failed evaluation keeps the trained state
+    metrics, rows = evaluate(ctx, plan)
+    ctx.split.write_manifest(ctx.out / res.SPLIT_FILE)
+    res.write_predictions(ctx.out / res.PREDICTIONS_FILE, rows, list(ctx.split.classes))
+    path = res.write_results(ctx.out / res.RESULTS_FILE, _record(ctx, plan, metrics, stages, trainable))
+    remove_checkpoints(ctx.out)
+    tracker.summary(_flat(metrics))
+    tracker.finish()
+    summary(ctx, metrics, path, stages)
+    return 0
+
+
+def _eval_only(ctx: RunContext, plan: Plan) -> int:
+    """Reload a run's trained weights, evaluate, and write eval_results.json and predictions beside them."""
+    out = ctx.out / res.EVAL_FILE
+    if out.exists() and not ctx.config.overwrite:
+        raise UserError(f"{out} exists: add --overwrite to replace it")
+    load_weights(ctx, plan, ctx.out)
+    t0 = time.perf_counter()
+    metrics, rows = evaluate(ctx, plan)
+    res.write_predictions(ctx.out / f"eval_{res.PREDICTIONS_FILE}", rows, list(ctx.split.classes))
+    path = res.write_results(out, _record(ctx, plan, metrics, [], 0, eval_only=True,
+                                          eval_seconds=round(time.perf_counter() - t0, 3)))
+    summary(ctx, metrics, path, [])
+    return 0
+
+
+def _flat(metrics: dict) -> dict:
+    return {f"{part}/{k}": v for part, m in metrics.items() for k, v in m.items() if isinstance(v, (int, float))}
+
+
+def method_settings_of(config: RunConfig) -> dict:
+    """The resolved settings of the config's method as plain values."""
+    method = get_method(config.method)
+    return settings_dict(method.resolve(config.method_settings))

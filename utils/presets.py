@@ -1,0 +1,19 @@
+"""The paper's README commands as presets (--preset exp1|exp2|exp3; launch_run.sh --experiment N).
+
+Each preset is exactly the flags of the original repository's README command for that
+experiment (mdausort/Cytology-fine-tuning); flags given on the command line override it.
+Where the tool's own defaults differ (they are CLIP-LoRA's: lr 2e-4, n_iters 500), only a
+preset gives the paper's runs.
+"""
+
+PRESETS: dict[str, dict] = {
+    # python3 main.py ... --shots -1 --n_iters 50 --textual False
+    "exp1": {"method": "linear", "shots": -1, "n_iters": 50, "textual": False},
+    # python3 main_lora.py ... --n_iters 50 --params "q v" --r 2 --position all --encoder vision
+    "exp2": {"method": "lora", "n_iters": 50, "params": ("q", "v"), "r": 2, "position": "all",
+             "encoder": "vision"},
+    # python3 main_lora.py ... --shots 0 --lr 1e-3 --n_iters 100 --params "q k v o" --r 16
+    #     --model_name clip --backbone ViT-L/14 --level level_3
+    "exp3": {"method": "lora", "shots": 0, "lr": 1e-3, "n_iters": 100, "params": ("q", "k", "v", "o"), "r": 16,
+             "model_name": "clip", "backbone": "ViT-L/14", "level": "level_3"},
+}

@@ -1,0 +1,100 @@
+"""Turn a folder of runs into the paper's tables and plots, with honest statistics.
+
+``python -m utils.report OUTPUT_DIR [--out DIR] [--confusion RUN_DIR] [--skip_invalid]`` reads every
+``results.json`` below OUTPUT_DIR (folders named ``checkpoints`` and hidden folders are ignored) and
+writes, into ``OUTPUT_DIR/report`` unless ``--out`` says otherwise:
+
+- ``summary.csv``: one row per setting (every config field that changes results, except the seed)
+  with the seeds, the raw per-seed test metrics and their mean, std and 95% t-interval;
+- ``summary_lr_selected.csv`` (when a setting was run with several learning rates): the lr chosen
+  per setting on mean validation balanced accuracy, never on test;
+- ``paired.csv``: every method against the baseline method (``--baseline``, default linear), and
+  pretrained against random weights or one model against another, on the same data and seeds: the
+  mean difference of test balanced accuracy with its paired t-interval;
+- PNG plots and ``report.md`` with the tables laid out like the paper's.
+
+Runs whose settings or schema versions differ are never averaged together. An unreadable or
+incomplete results.json is an error naming the file (exit 2); with ``--skip_invalid`` it is a
+warning and the file is left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from common.errors import exit_status
+from utils.report.load import Group, ReportError, Run, group_runs, load_runs, settings_key, varying_fields
+from utils.report.plots import plot_confusion, plot_curves, plot_methods
+from utils.report.tables import markdown_report, paired_rows, select_lr, summary_row, write_csv
+
+__all__ = ["Group", "ReportError", "Run", "build_report", "group_runs", "load_runs", "main", "paired_rows",
+           "select_lr", "settings_key", "summary_row", "varying_fields"]
+
+
+# ---------------------------------------------------------------- entry
+
+
+def build_report(output_dir: str | Path, out: str | Path | None = None, confusion: str | Path | None = None,
+                 skip_invalid: bool = False, n_resamples: int = 10_000, seed: int = 0,
+                 plots: bool = True, baseline: str = "linear") -> list[Path]:
+    """Read every run below output_dir and write the CSV tables, plots and report.md; returns the files."""
+    source = Path(output_dir)
+    runs = load_runs(source, skip_invalid)
+    out_dir = Path(out) if out else source / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups = group_runs(runs)
+    varying = varying_fields(groups)
+    written = [write_csv(out_dir / "summary.csv", [summary_row(g, varying) for g in groups])]
+    chosen, candidates = select_lr(groups)
+    several = any(len(v) > 1 for v in candidates.values())
+    if several:
+        rows = []
+        for g in chosen:
+            row = summary_row(g, varying)
+            row["lr_candidates"] = ";".join(map(repr, candidates[id(g)]))
+            row["lr_selected_by"] = "mean val balanced_accuracy"
+            rows.append(row)
+        written.append(write_csv(out_dir / "summary_lr_selected.csv", rows))
+    pairs = paired_rows(chosen, varying, n_resamples, seed, baseline)
+    if pairs:
+        written.append(write_csv(out_dir / "paired.csv", pairs))
+    figures: list[Path] = []
+    if plots:
+        figures += plot_curves(chosen, varying, out_dir) + plot_methods(chosen, varying, out_dir)
+        if confusion:
+            figures.append(plot_confusion(confusion, out_dir))
+    report = out_dir / "report.md"
+    report.write_text(markdown_report(source, runs, groups, chosen, several, varying, pairs, figures))
+    return written + figures + [report]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: python -m utils.report OUTPUT_DIR [--out DIR] [--confusion RUN_DIR] [--skip_invalid]."""
+    parser = argparse.ArgumentParser(prog="python -m utils.report", description=__doc__.split("\n")[0])
+    parser.add_argument("output_dir", help="folder holding the runs (the sweep's --output_dir)")
+    parser.add_argument("--out", default=None, help="where to write the report (default OUTPUT_DIR/report)")
+    parser.add_argument("--confusion", default=None, help="a run folder whose test confusion matrix to plot")
+    parser.add_argument("--skip_invalid", action="store_true",
+                        help="warn about and leave out unreadable results.json files instead of stopping")
+    parser.add_argument("--n_resamples", type=int, default=10_000, help="paired bootstrap resamples")
+    parser.add_argument("--bootstrap_seed", type=int, default=0)
+    parser.add_argument("--no_plots", action="store_true")
+    parser.add_argument("--baseline", default="linear", help="the method every other method is compared with")
+    args = parser.parse_args(argv)
+    return exit_status(lambda: _write(args))
+
+
+def _write(args: argparse.Namespace) -> int:
+    files = build_report(args.output_dir, args.out, args.confusion, args.skip_invalid,
+                         args.n_resamples, args.bootstrap_seed, not args.no_plots, args.baseline)
+    print(f"report written to {files[-1].parent}:")
+    for path in files:
+        print(f"  {path.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Plots: balanced accuracy against shots or percentage with one styled line per method, bars per method,
+and one run's confusion matrix."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from utils.config import RunConfig, data_label, method_label, model_label
+from utils.report.load import RESULTS_FILE, Group, ReportError, _read_one, arm_label
+from utils.report.tables import _arm_rank, _column_label, _column_order, _dataset_name
+from utils.stats import Summary, summarize
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+LINESTYLES = ("-", "--", ":", "-.")
+HATCHES = ("", "//", "xx", "..", "\\\\", "++", "oo", "--")
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+
+
+def _curve_points(members: Sequence[Group], varying: Sequence[str],
+                  percentage: bool) -> dict[str, list[tuple[float, Summary]]]:
+    """Per arm, (shots or percentage, summary of test balanced accuracy), sorted along x."""
+    curves: dict[str, list[tuple[float, Summary]]] = defaultdict(list)
+    for g in sorted(members, key=_arm_rank):
+        c = g.config
+        is_pct = c.shots == 0 and c.percentage is not None
+        if is_pct != percentage or (not percentage and c.shots < 1):
+            continue  # "all images" (-1) has no place on a log axis of K
+        x = float(c.percentage) if percentage else float(c.shots)
+        curves[arm_label(g, varying)].append((x, summarize(g.values("test", "balanced_accuracy"))))
+    return {k: sorted(v, key=lambda p: p[0]) for k, v in curves.items()}
+
+
+def _by_dataset(groups: Sequence[Group]) -> list[tuple[str, list[Group]]]:
+    """Groups gathered per dataset (with its label level), datasets in sorted order."""
+    by_dataset: dict[str, list[Group]] = defaultdict(list)
+    for g in groups:
+        by_dataset[_dataset_name(g.config)].append(g)
+    return sorted(by_dataset.items())
+
+
+def plot_curves(groups: Sequence[Group], varying: Sequence[str], out: Path) -> list[Path]:
+    """Test balanced accuracy vs shots (and vs percentage) per dataset, one styled line per arm, CI bands."""
+    plt = _pyplot()
+    written = []
+    for dataset, members in _by_dataset(groups):
+        for percentage, axis in ((False, "shots per class (K)"), (True, "% of training data")):
+            curves = _curve_points(members, varying, percentage)
+            if not curves:
+                continue
+            fig, ax = plt.subplots(figsize=(6.4, 4.4))
+            for i, (label, points) in enumerate(curves.items()):
+                xs = [p[0] for p in points]
+                line = ax.plot(xs, [p[1].mean for p in points], marker=MARKERS[i % len(MARKERS)],
+                               linestyle=LINESTYLES[i % len(LINESTYLES)], label=label)[0]
+                ax.fill_between(xs, [p[1].ci_low for p in points], [p[1].ci_high for p in points],
+                                color=line.get_color(), alpha=0.15, linewidth=0)
+            ax.set_xscale("log", base=2 if not percentage else 10)
+            ticks = sorted({x for pts in curves.values() for x, _ in pts})
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()  # only the measured shots/percentages are labelled
+            ax.set_xlabel(axis)
+            ax.set_ylabel("test balanced accuracy")
+            ax.set_title(f"{dataset}: mean and 95% CI over seeds")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            name = f"balanced_accuracy_vs_{'percentage' if percentage else 'shots'}_{_safe(dataset)}.png"
+            written.append(_save(fig, out / name))
+    return written
+
+
+def plot_methods(groups: Sequence[Group], varying: Sequence[str], out: Path) -> list[Path]:
+    """Bars of test balanced accuracy per data size, one hatched bar per arm (model and method), CI error bars.
+
+    Drawn for every dataset with at least two arms, whatever the methods.
+    """
+    plt = _pyplot()
+    written = []
+    for dataset, members in _by_dataset(groups):
+        arms = list(dict.fromkeys(arm_label(g, varying) for g in sorted(members, key=_arm_rank)))
+        if len(arms) < 2:
+            continue
+        slots = sorted({(_column_label(g.config), _column_order(g.config)) for g in members}, key=lambda s: s[1])
+        width = 0.8 / len(arms)
+        fig, ax = plt.subplots(figsize=(max(6.4, 0.9 * len(slots) * len(arms)), 4.4))
+        for j, arm in enumerate(arms):
+            xs, means, errs = [], [], [[], []]
+            for i, (slot, _) in enumerate(slots):
+                g = next((g for g in members if _column_label(g.config) == slot and arm_label(g, varying) == arm),
+                         None)
+                if g is None:
+                    continue
+                s = summarize(g.values("test", "balanced_accuracy"))
+                xs.append(i + (j - (len(arms) - 1) / 2) * width)
+                means.append(s.mean)
+                errs[0].append(0 if math.isnan(s.ci_low) else s.mean - s.ci_low)
+                errs[1].append(0 if math.isnan(s.ci_high) else s.ci_high - s.mean)
+            ax.bar(xs, means, width, yerr=errs, capsize=3, label=arm, hatch=HATCHES[j % len(HATCHES)],
+                   edgecolor="black", alpha=0.8)
+        ax.set_xticks(range(len(slots)), [slot for slot, _ in slots], fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("test balanced accuracy")
+        ax.set_title(f"{dataset}: methods compared (mean, 95% t-interval over seeds)")
+        ax.legend(fontsize=7)
+        written.append(_save(fig, out / f"methods_{_safe(dataset)}.png"))
+    return written
+
+
+def plot_confusion(run_folder: str | Path, out: Path) -> Path:
+    """The test confusion matrix of one run (counts written in every cell, grey shades by row fraction)."""
+    path = Path(run_folder)
+    path = path if path.name == RESULTS_FILE else path / RESULTS_FILE
+    if not path.is_file():
+        raise ReportError(f"--confusion: {path} does not exist; give a run folder that holds {RESULTS_FILE}")
+    run = _read_one(path)
+    matrix = run.data["metrics"]["test"].get("confusion_matrix")
+    classes = run.data.get("classes") or [str(i) for i in range(len(matrix or []))]
+    if not matrix:
+        raise ReportError(f"--confusion: {path} has no metrics.test.confusion_matrix")
+    plt = _pyplot()
+    n = len(matrix)
+    fractions = [[v / max(1, sum(row)) for v in row] for row in matrix]
+    side = max(4.0, 1.5 + 0.6 * n)
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(fractions, cmap="Greys", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(matrix[i][j]), ha="center", va="center", fontsize=8,
+                    color="white" if fractions[i][j] > 0.5 else "black")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(n), classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    c = RunConfig.from_dict(run.config)
+    where = f"{c.dataset} {data_label(c)} lr {c.lr:g} seed {c.seed} (test)"
+    ax.set_title(f"{model_label(c)}\n{method_label(c)}\n{where}", fontsize=8)
+    name = f"confusion_{c.dataset}_{model_label(c)}_{method_label(c)}_{data_label(c)}_lr{c.lr:g}_seed{c.seed}"
+    return _save(fig, out / f"{_safe(name)}.png")
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+

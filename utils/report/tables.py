@@ -1,0 +1,335 @@
+"""Tables: per-setting summaries, learning-rate selection on validation, paired comparisons, report.md."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from utils.config import RunConfig, method_label, model_label
+from utils.report.load import (
+    CONTEXT_FIELDS,
+    MODEL_FIELDS,
+    Group,
+    Run,
+    _display,
+    _freeze,
+    _group_order,
+    arm_label,
+)
+from utils.stats import paired_bootstrap, summarize
+
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece")
+
+
+def summary_row(group: Group, varying: Sequence[str]) -> dict:
+    """One summary.csv row: the setting, its seeds, raw values and statistics of each test metric."""
+    c = group.config
+    row: dict = {
+        "experiment": c.experiment, "method": method_label(c), "dataset": c.dataset, "level": c.level or "",
+        "model": model_label(c), "shots": c.shots, "percentage": "" if c.percentage is None else c.percentage,
+        "lr": c.lr,
+    }
+    for name in varying:
+        row[name] = _display(group.key.get(name))
+    row["schema_version"] = _display(group.key.get("schema_version"))
+    row["n_seeds"] = len(group.runs)
+    row["seeds"] = ";".join(str(r.seed) for r in group.runs)
+    for name in METRICS:
+        values = group.values("test", name)
+        s = summarize(values)
+        row.update({f"test_{name}_mean": s.mean, f"test_{name}_std": s.std, f"test_{name}_ci_low": s.ci_low,
+                    f"test_{name}_ci_high": s.ci_high, f"test_{name}_values": ";".join(map(_num, values))})
+    val = group.values("val", "balanced_accuracy")
+    row["val_balanced_accuracy_mean"] = summarize(val).mean
+    row["val_balanced_accuracy_values"] = ";".join(map(_num, val))
+    return row
+
+
+def _num(x: float) -> str:
+    return "nan" if x is None or math.isnan(x) else format(float(x), ".10g")
+
+
+# ---------------------------------------------------------------- lr selection and pairing
+
+
+def _without(key: dict, names: Sequence[str]) -> str:
+    return _freeze({k: v for k, v in key.items() if k not in names})
+
+
+def select_lr(groups: Sequence[Group]) -> tuple[list[Group], dict[int, list[float]]]:
+    """Per setting, the lr with the best mean VALIDATION balanced accuracy (ties: the smaller lr).
+
+    Returns the chosen groups and, by id of each chosen group, the candidate lrs it was chosen from.
+    """
+    by_setting: dict[str, list[Group]] = defaultdict(list)
+    for group in groups:
+        by_setting[_without(group.key, ["lr"])].append(group)
+    chosen, candidates = [], {}
+    for options in by_setting.values():
+
+        def score(g: Group) -> tuple[float, float]:
+            val = summarize(g.values("val", "balanced_accuracy")).mean
+            return (-math.inf if math.isnan(val) else val, -g.config.lr)
+
+        best = max(options, key=score)
+        chosen.append(best)
+        candidates[id(best)] = sorted(g.config.lr for g in options)
+    return sorted(chosen, key=_group_order), candidates
+
+
+def _arm_rank(group: Group, baseline: str = "linear") -> tuple:
+    """Order within a pair so differences read method - baseline and pretrained - random."""
+    c = group.config
+    return (1 if c.method == baseline else 0, 1 if c.weights == "random" else 0, _group_order(group))
+
+
+def _factors(group: Group) -> dict[str, str]:
+    """An arm's three comparable factors: the model, its weights, and the method (every other setting)."""
+    model = {k: group.key.get(k) for k in MODEL_FIELDS}
+    method = {k: v for k, v in group.key.items()
+              if k not in MODEL_FIELDS and k != "weights" and k != "lr" and k not in CONTEXT_FIELDS}
+    weights = {"weights": group.key.get("weights")}
+    return {"model": _freeze(model), "weights": _freeze(weights), "method": _freeze(method)}
+
+
+def _pair_kind(a: Group, b: Group, baseline: str) -> str | None:
+    """What a pair compares, or None when it differs in more than one factor (a confounded comparison).
+
+    Two different methods are compared only when one of them is the baseline.
+    """
+    fa, fb = _factors(a), _factors(b)
+    differ = [name for name in fa if fa[name] != fb[name]]
+    if len(differ) != 1:
+        return None
+    ca, cb = a.config, b.config
+    if differ == ["method"]:
+        if ca.method == cb.method:
+            return "settings"
+        return f"{ca.method} - {cb.method}" if cb.method == baseline else None
+    if differ == ["weights"]:
+        pretrained_vs_random = {ca.weights, cb.weights} == {None, "random"}
+        return "pretrained - random" if pretrained_vs_random else "weights"
+    return "models"
+
+
+def _pair_values(a: Group, b: Group) -> tuple[list[int], list[float], list[float], int]:
+    """Test balanced accuracy of a and b on their common seeds whose splits match."""
+    runs_b = {r.seed: r for r in b.runs}
+    seeds, va, vb, mismatched = [], [], [], 0
+    for run in a.runs:
+        other = runs_b.get(run.seed)
+        if other is None:
+            continue
+        sha_a, sha_b = run.data.get("split_sha256"), other.data.get("split_sha256")
+        if sha_a and sha_b and sha_a != sha_b:
+            mismatched += 1  # same seed but different data: not a pair
+            continue
+        seeds.append(run.seed)
+        va.append(run.metric("test", "balanced_accuracy"))
+        vb.append(other.metric("test", "balanced_accuracy"))
+    return seeds, va, vb, mismatched
+
+
+def paired_rows(groups: Sequence[Group], varying: Sequence[str], n_resamples: int = 10_000,
+                seed: int = 0, baseline: str = "linear") -> list[dict]:
+    """Arms on the same data (dataset, level, shots or percentage) and seeds, compared two by two.
+
+    Only pairs that differ in one factor are compared: every method against the baseline method
+    (or two settings of one method), one model against another, or pretrained against random
+    weights; a pair differing in several at once would confound them. The headline interval is
+    the paired t-interval over seeds; the seed-only bootstrap interval is kept in the CSV for
+    reference and is not valid below about 10 seeds (at 3 seeds it is close to [min, max]).
+    """
+    by_context: dict[tuple, list[Group]] = defaultdict(list)
+    for group in groups:
+        by_context[tuple(_display(group.key.get(k)) for k in CONTEXT_FIELDS)].append(group)
+    rows = []
+    for context, arms in by_context.items():
+        arms = sorted(arms, key=lambda g: _arm_rank(g, baseline))
+        for i, a in enumerate(arms):
+            for b in arms[i + 1:]:
+                kind = _pair_kind(a, b, baseline)
+                seeds, va, vb, mismatched = _pair_values(a, b)
+                if kind is None or not seeds:
+                    continue
+                d = paired_bootstrap(va, vb, n_resamples=n_resamples, seed=seed)
+                rows.append({
+                    "dataset": context[0], "level": context[1], "shots": context[2], "percentage": context[3],
+                    "comparison": kind, "a": arm_label(a, varying), "b": arm_label(b, varying),
+                    "lr_a": a.config.lr, "lr_b": b.config.lr, "metric": "test_balanced_accuracy",
+                    "n_pairs": d.n, "seeds": ";".join(map(str, seeds)),
+                    "a_mean": summarize(va).mean, "b_mean": summarize(vb).mean, "diff_mean": d.mean,
+                    "t_ci_low": d.t_low, "t_ci_high": d.t_high,
+                    "seed_boot_ci_low": d.boot_low, "seed_boot_ci_high": d.boot_high,
+                    "n_split_mismatch": mismatched,
+                    "n_resamples": n_resamples,
+                })
+    return rows
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_csv(path: Path, rows: Sequence[dict]) -> Path:
+    """Rows to CSV with the union of their columns in first-seen order; NaN as an empty cell."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(v) for k, v in row.items()})
+    return path
+
+
+def _csv_value(value: object) -> object:
+    """Floats with 10 significant digits (no binary noise), NaN as an empty cell."""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else format(value, ".10g")
+    return value
+
+
+def _cell(group: Group, metric: str, n_max: int) -> str:
+    """'mean ± half-width' in percent, with (n=k) when fewer seeds than elsewhere in the table."""
+    s = summarize(group.values("test", metric))
+    if math.isnan(s.mean):
+        return "–"
+    text = f"{100 * s.mean:.1f}"
+    if not math.isnan(s.ci_low):
+        text += f" ± {100 * (s.ci_high - s.ci_low) / 2:.1f}"
+    if len(group.runs) != n_max:
+        text += f" (n={len(group.runs)})"
+    return text
+
+
+def _column_label(c: RunConfig) -> str:
+    if c.shots == 0 and c.percentage is not None:
+        return f"{c.percentage:g}%"
+    return "all" if c.shots == -1 else f"K={c.shots}"
+
+
+def _column_order(c: RunConfig) -> tuple:
+    if c.shots == 0 and c.percentage is not None:
+        return (1, c.percentage)
+    return (0, c.shots if c.shots > 0 else math.inf)
+
+
+def _dataset_name(c: RunConfig) -> str:
+    return f"{c.dataset} ({c.level})" if c.level and c.dataset == "hicervix" else c.dataset
+
+
+def markdown_tables(groups: Sequence[Group], varying: Sequence[str], metric: str) -> list[str]:
+    """Per dataset: rows = model and method, columns = shots or percentages, cells = mean ± CI half-width."""
+    lines: list[str] = []
+    by_dataset: dict[str, list[Group]] = defaultdict(list)
+    for group in groups:
+        by_dataset[_dataset_name(group.config)].append(group)
+    for dataset, members in sorted(by_dataset.items()):
+        columns = sorted({_column_label(g.config): _column_order(g.config) for g in members}.items(),
+                         key=lambda kv: kv[1])
+        arms: dict[str, dict[str, Group]] = defaultdict(dict)
+        for g in sorted(members, key=_arm_rank):
+            arms[arm_label(g, varying)][_column_label(g.config)] = g
+        n_max = max(len(g.runs) for g in members)
+        lines += [f"### {dataset}", "", "| Model | Method | " + " | ".join(c for c, _ in columns) + " |",
+                  "|---|---|" + "---|" * len(columns)]
+        for label, cells in arms.items():
+            model, method = label.split(" ", 1)
+            row = [_cell(cells[c], metric, n_max) if c in cells else "" for c, _ in columns]
+            lines.append(f"| {model} | {method} | " + " | ".join(row) + " |")
+        lines.append("")
+    return lines
+
+
+def method_tables(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
+    """Per dataset and data size: one column per arm (model and method), with balanced accuracy (mean and
+    95% t-interval), trainable parameters and mean train seconds."""
+    lines: list[str] = []
+    by_slot: dict[tuple, list[Group]] = defaultdict(list)
+    for g in groups:
+        by_slot[(_dataset_name(g.config), _column_order(g.config), _column_label(g.config))].append(g)
+    for (dataset, _, data), members in sorted(by_slot.items()):
+        members = sorted(members, key=_arm_rank)
+        labels = [arm_label(g, varying) for g in members]
+        lines += [f"### {dataset}, {data}", "", "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        rows = {"test balanced accuracy (%)": [_interval(g) for g in members],
+                "trainable parameters": [_int_text(_mean_of(g, "trainable_params")) for g in members],
+                "train seconds (mean)": [_float_text(_mean_of(g, ("timing", "train_seconds"))) for g in members],
+                "seeds": [str(len(g.runs)) for g in members]}
+        lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows.items()] + [""]
+    return lines
+
+
+def _interval(g: Group) -> str:
+    s = summarize(g.values("test", "balanced_accuracy"))
+    if math.isnan(s.mean):
+        return "–"
+    if math.isnan(s.ci_low):
+        return f"{100 * s.mean:.1f}"
+    return f"{100 * s.mean:.1f} [{100 * s.ci_low:.1f}, {100 * s.ci_high:.1f}]"
+
+
+def _mean_of(g: Group, key) -> float:
+    values = []
+    for run in g.runs:
+        value = run.data
+        for k in (key if isinstance(key, tuple) else (key,)):
+            value = value.get(k) if isinstance(value, dict) else None
+        values.append(value)
+    return summarize([v for v in values if isinstance(v, (int, float))]).mean
+
+
+def _int_text(x: float) -> str:
+    return "–" if math.isnan(x) else f"{int(round(x)):,}"
+
+
+def _float_text(x: float) -> str:
+    return "–" if math.isnan(x) else f"{x:.1f}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _pp(x: float) -> str:
+    return "–" if math.isnan(x) else f"{100 * x:+.1f}"
+
+
+def markdown_report(source: Path, runs: Sequence[Run], groups: Sequence[Group], chosen: Sequence[Group],
+                    several_lrs: bool, varying: Sequence[str], pairs: Sequence[dict],
+                    figures: Sequence[Path]) -> str:
+    """report.md: the paper-style tables, the paired comparisons and the figures."""
+    lr_note = ("the learning rate is chosen per setting on mean validation balanced accuracy (never on test)"
+               if several_lrs else "one learning rate per setting")
+    lines = ["# Results", "",
+             (f"Source: `{source}`: {_count(len(runs), 'run')} in {_count(len(groups), 'setting')}; "
+              f"{lr_note}."),
+             ("Cells: test metric in %, mean ± half-width of the 95% t-interval over seeds; "
+              "(n=k) marks a cell with fewer seeds than the rest of its table."), ""]
+    lines += ["## Methods side by side (test)", "",
+              "Balanced accuracy: mean [95% t-interval over seeds]; trainable parameters are those that "
+              "received a gradient.", ""] + method_tables(chosen, varying)
+    for metric, title in (("balanced_accuracy", "Balanced accuracy"), ("accuracy", "Accuracy")):
+        lines += [f"## {title} (test)", ""] + markdown_tables(chosen, varying, metric)
+    if pairs:
+        lines += ["## Paired comparisons (test balanced accuracy, a − b, percentage points)", "",
+                  ("Same data and seeds; 95% paired t-interval over seeds. With few seeds these intervals are "
+                   "wide by necessity: they say how much the seed (the few-shot draw and the training "
+                   "randomness) moves the difference."), "",
+                  "| Dataset | Data | Comparison | a | b | n | a − b | t 95% CI |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for p in pairs:
+            data = f"{p['percentage']:g}%" if p["percentage"] != "" else (
+                "all" if p["shots"] == -1 else f"K={p['shots']}")
+            dataset = p["dataset"] + (f" ({p['level']})" if p["level"] else "")
+            lines.append(f"| {dataset} | {data} | {p['comparison']} | {p['a']} | {p['b']} | {p['n_pairs']} | "
+                         f"{_pp(p['diff_mean'])} | [{_pp(p['t_ci_low'])}, {_pp(p['t_ci_high'])}] |")
+        lines.append("")
+    if figures:
+        lines += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
+    return "\n".join(lines)
+
