@@ -50,3 +50,15 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 def write_json_atomic(path: str | Path, data: object) -> Path:
     """Write JSON atomically; non-ASCII text (class names, paths) stays readable."""
     return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def file_identity(path: str | None) -> str | None:
+    """A local file or folder identified by its resolved paths, sizes and modification times; other text
+    (a hub id, 'random', None) as it is."""
+    if not path:
+        return path
+    target = Path(path).expanduser()
+    if not target.exists():
+        return path
+    files = sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
+    return json.dumps([[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files])

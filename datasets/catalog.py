@@ -1,7 +1,7 @@
 """The toolkit's datasets, registered under the names ``--dataset`` accepts."""
 
 from datasets import prepare, tabular
-from datasets.hicervix import read_hicervix
+from datasets.hicervix import hicervix_tree, read_hicervix
 from datasets.layouts import DEFAULT_HICERVIX_LEVEL, HICERVIX_LEVELS, PAPER_LAYOUTS, paper_layout_text
 from datasets.readers import read_demo, read_folder, read_paper
 from datasets.registry import CELL_PROMPT, CELLS_PROMPT, DatasetInfo, register
@@ -33,6 +33,7 @@ register(DatasetInfo(
     name="hicervix",
     description="HiCervix cervical cells with a three-level label hierarchy (--level)",
     reader=read_hicervix,
+    hierarchy=hicervix_tree,
     layout="<root>/{train,val,test}/*.jpg with <root>/{train,val,test}.csv",
     levels=HICERVIX_LEVELS,
     default_level=DEFAULT_HICERVIX_LEVEL,
@@ -43,6 +44,7 @@ register(DatasetInfo(
 ))
 register(DatasetInfo(
     name="folder",
+    generic=True,
     description="any single-label dataset stored as <root>/<split>/<class>_<n>.<ext>",
     reader=read_folder,
     layout=CLASS_FOLDERS,
@@ -51,6 +53,7 @@ register(DatasetInfo(
 ))
 register(DatasetInfo(
     name="csv",
+    generic=True,
     description="<root>/{train,val,test}.csv: single-label, multi-label or image-text pairs",
     reader=tabular.read_csv_dataset,
     layout="<root>/{train,val,test}.csv with a path column (relative to <root>) and label, caption or 0/1 columns",

@@ -59,6 +59,10 @@ class DatasetInfo:
     how_to_prepare: str = ""
     protocols: tuple[str, ...] = (DEFAULT_PROTOCOL,)
     needs_root: bool = True
+    generic: bool = False  # a layout for any data (folder, csv): runs are named by --dataset_name
+    # hierarchy(root, level_fallback) -> {deepest-level label: (level_1, level_2)}, for datasets whose
+    # labels form a tree; the engine then reports accuracy at the upper levels and mistake distances.
+    hierarchy: Callable | None = None
 
 
 _DATASETS: dict[str, DatasetInfo] = {}

@@ -9,7 +9,7 @@ import pkgutil
 
 from methods.registry import Method, MethodError, Plan, Stage, get_method, method_names, methods, register
 
-_NOT_METHODS = {"registry", "heads", "__main__"}
+_NOT_METHODS = {"registry", "heads", "transductive", "__main__"}
 
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if _info.name not in _NOT_METHODS and not _info.name.startswith("_"):

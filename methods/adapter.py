@@ -7,13 +7,15 @@ from torch import nn
 
 from methods.heads import linear_head
 from methods.registry import Method, MethodError, Plan, Stage, register
+from methods.transductive import TransductiveSettings, add_transductive_stage, ti_suffix
 
 
 @dataclass(frozen=True)
-class AdapterSettings:
+class AdapterSettings(TransductiveSettings):
     reduction: int = field(default=4, metadata={"help": "bottleneck width = feature size / reduction"})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.reduction < 1:
             raise MethodError(f"--reduction must be at least 1, got {self.reduction}")
 
@@ -37,12 +39,13 @@ class ResidualAdapter(nn.Module):
 def build(ctx, s: AdapterSettings) -> Plan:
     head = linear_head(ctx)
     model = ResidualAdapter(ctx.spec.feature_dim, s.reduction, head)
-    return Plan(model, "features", [Stage("adapter", model, "features", ctx.epoch_steps(), ctx.config.lr)])
+    stage = Stage("adapter", model, "features", ctx.epoch_steps(), ctx.config.lr)
+    return add_transductive_stage(ctx, Plan(model, "features", [stage]), s)
 
 
 register(Method(
     name="adapter", description="residual bottleneck MLP on frozen features + linear head",
     settings=AdapterSettings, inputs="features", build=build,
     source="CLIP-Adapter (Gao et al. 2021); feature adapters of few-shot medical studies",
-    label=lambda s: f"adapter-red{s.reduction}",
+    label=lambda s: f"adapter-red{s.reduction}" + ti_suffix(s),
 ))

@@ -6,10 +6,11 @@ import torch
 
 from methods.heads import class_text_embeddings, linear_head
 from methods.registry import Method, Plan, Stage, register
+from methods.transductive import TransductiveSettings, add_transductive_stage, ti_suffix
 
 
 @dataclass(frozen=True)
-class LinearSettings:
+class LinearSettings(TransductiveSettings):
     textual: bool = field(default=False, metadata={"help": "True: start the head from text embeddings of the "
                                                            "class prompts (CLIP-family models)"})
 
@@ -20,12 +21,13 @@ def build(ctx, s: LinearSettings) -> Plan:
         with torch.no_grad():
             head.weight.copy_(class_text_embeddings(ctx))
             head.bias.zero_()
-    return Plan(head, "features", [Stage("linear", head, "features", ctx.epoch_steps(), ctx.config.lr)])
+    stage = Stage("linear", head, "features", ctx.epoch_steps(), ctx.config.lr)
+    return add_transductive_stage(ctx, Plan(head, "features", [stage]), s)
 
 
 register(Method(
     name="linear", description="linear head on frozen features (optionally text-initialised)",
     settings=LinearSettings, inputs="features", build=build,
     source="the cytology paper, experiment 1 (CLIP-LoRA's linear probe)",
-    label=lambda s: "linear-textual" if s.textual else "linear", paper_experiment=1,
+    label=lambda s: ("linear-textual" if s.textual else "linear") + ti_suffix(s), paper_experiment=1,
 ))

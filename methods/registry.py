@@ -36,6 +36,7 @@ class Stage:
     steps: int
     lr: float
     augment: bool = True  # images only: random resized crop and flip, as the paper trains
+    extra_loss: Callable | None = None  # extra_loss(module) -> scalar added to every step's labelled loss
 
 
 @dataclass

@@ -183,3 +183,31 @@ def test_paper_percentage_zero_means_unused_in_few_shot_mode():
 
     config = parse_config(["--shots", "16", "--pourcentage", "0"], "lora")
     assert config.percentage is None and config.experiment == 2
+
+
+def test_hicervix_level_3_reports_upper_levels_and_mistake_distance(hicervix_root, tmp_path):
+    p = run("main.py", "--root_path", str(hicervix_root), "--dataset", "hicervix", "--shots", "2",
+            "--n_iters", "1", "--output_dir", str(tmp_path), *TINY)
+    assert p.returncode == 0, p.stderr
+    r = only_result(tmp_path)
+    assert r["level"] == "level_3" and r["config"]["level_fallback"] == "original"
+    h = r["metrics"]["test"]["hierarchy"]
+    # every level-3 class of the fixture sits under ASC: level 1 is always right
+    assert h["accuracy_level_1"] == 1.0
+    assert h["accuracy_level_3"] == pytest.approx(r["metrics"]["test"]["accuracy"])
+    assert h["accuracy_level_2"] >= h["accuracy_level_3"]
+
+
+def test_label_map_merges_classes_and_is_recorded(folder_root, tmp_path):
+    p = run("main.py", "--root_path", str(folder_root), "--dataset", "folder", "--shots", "2", "--n_iters", "1",
+            "--label_map", "warm=red,green-ish", "--output_dir", str(tmp_path), *TINY)
+    assert p.returncode == 0, p.stderr
+    r = only_result(tmp_path)
+    assert r["classes"] == ["warm", "blue"] and r["config"]["label_map"] == "warm=red,green-ish"
+
+
+def test_level_options_outside_hicervix_are_errors(folder_root, tmp_path):
+    for flag in (["--level", "level_2"], ["--level_fallback", "parent"], ["--protocol", "official"]):
+        p = run("main.py", "--root_path", str(folder_root), "--dataset", "folder", *flag,
+                "--output_dir", str(tmp_path), *TINY)
+        assert p.returncode == 2 and "hicervix" in p.stderr, p.stderr

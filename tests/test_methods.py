@@ -194,7 +194,7 @@ def _result(out: Path, name: str = "results.json") -> tuple[dict, Path]:
     return json.loads(found[0].read_text()), found[0].parent
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", method_names())  # every registered method, new ones included
 def test_every_method_runs_end_to_end_and_trained_ones_reload(name, folder_root, tmp_path, capsys):
     method = get_method(name)
     args = ["--method", name, "--root_path", str(folder_root), "--dataset", "folder", "--shots", "2",
@@ -203,6 +203,11 @@ def test_every_method_runs_end_to_end_and_trained_ones_reload(name, folder_root,
     r, folder = _result(tmp_path)
     assert r["method"] == name and r["metrics"]["test"]["n"] == r["n_test"] == 12
     assert set(r["method_settings"]) == {f.name for f in method.setting_fields()}
+    calibration = r["calibration"]
+    assert calibration["temperature"] > 0 and calibration["val_nll_after"] <= calibration["val_nll_before"] + 1e-9
+    assert set(r["test_before"]) >= {"ece", "nll", "brier"} and set(r["test_after"]) >= {"ece", "nll", "brier"}
+    assert r["test_after"]["accuracy"] == r["test_before"]["accuracy"] == r["metrics"]["test"]["accuracy"]
+    assert sum(r["test_reliability"]["count"]) == r["n_test"]
     lines = (folder / "predictions.csv").read_text().splitlines()
     assert lines[0].startswith("split,path,label,pred,p_") and len(lines) == 1 + r["n_val"] + r["n_test"]
     if not method.trains:

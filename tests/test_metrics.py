@@ -134,3 +134,18 @@ def test_retrieval_metrics_by_hand():
     flat = retrieval_metrics(np.ones((3, 3)))
     assert flat["image_to_text"]["recall@1"] == 0.0 and flat["image_to_text"]["median_rank"] == 3.0
     assert flat["text_to_image"]["recall@10"] == 1.0
+
+
+def test_hierarchical_metrics_map_predictions_up_the_tree():
+    from utils.metrics import hierarchical_metrics
+
+    tree = {"a1": ("A", "a"), "a2": ("A", "a"), "b1": ("A", "b"), "c1": ("C", "c")}
+    classes = ["a1", "a2", "b1", "c1"]
+    y_true = [0, 0, 0, 0, 3]
+    y_pred = [0, 1, 2, 3, 3]  # right, right parent, right grandparent, wrong, right
+    m = hierarchical_metrics(tree, classes, y_true, y_pred)
+    assert m["accuracy_level_3"] == 2 / 5
+    assert m["accuracy_level_2"] == 3 / 5
+    assert m["accuracy_level_1"] == 4 / 5
+    assert m["mean_mistake_distance"] == (1 + 2 + 3) / 3
+    assert m["mean_distance"] == 6 / 5

@@ -239,15 +239,23 @@ def test_every_method_is_compared_with_the_chosen_baseline_and_tabled_side_by_si
         write_run(tmp_path, seed, 0.50 + 0.01 * seed, method="linear", shots=4)
         write_run(tmp_path, seed, 0.60 + 0.01 * seed, method="lora", shots=4)
         write_run(tmp_path, seed, 0.55 + 0.02 * seed, method="knn", shots=4)
+    for i, path in enumerate(sorted(tmp_path.rglob("results.json"))):
+        data = json.loads(path.read_text())
+        data.update(calibration={"temperature": 1.5}, test_before={"ece": 0.2}, test_after={"ece": 0.1},
+                    test_reliability={"edges": [0, 0.5, 1], "count": [2, 6 + i % 2],
+                                      "confidence": [0.4, 0.8], "accuracy": [0.5, 0.75]})
+        path.write_text(json.dumps(data))
     build_report(tmp_path, n_resamples=200)
     rows = read_csv(tmp_path / "report" / "paired.csv")
     assert sorted(r["comparison"] for r in rows) == ["knn - linear", "lora - linear"]
+    assert (tmp_path / "report" / "reliability_demo_K_4.png").is_file()
     knn = next(r for r in rows if r["comparison"] == "knn - linear")
     assert float(knn["diff_mean"]) == pytest.approx(0.07)
     md = (tmp_path / "report" / "report.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| | "))
     assert header.count("tiny_clip") == 3 and "knn-k20" in header and "lora-qv" in header
     assert (tmp_path / "report" / "methods_demo.png").is_file()
+    assert "| demo | K=4 | tiny_clip knn-k20 | 20.0 | 10.0 | 1.5 | 3/3 |" in md
     build_report(tmp_path, out=tmp_path / "other", n_resamples=200, plots=False, baseline="knn")
     rows = read_csv(tmp_path / "other" / "paired.csv")
     assert sorted(r["comparison"] for r in rows) == ["linear - knn", "lora - knn"]

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from common.errors import UserError, exit_status
 from utils.config import RunConfig
@@ -111,8 +113,16 @@ def build_parser(default_method: str, prog: str) -> argparse.ArgumentParser:
          "given explicitly override it)")
     g = p.add_argument_group("data")
     _add(g, "--root_path", help="folder holding the datasets")
-    _add(g, "--dataset", help="mlcc, bcfc, sipakmed, hicervix, folder or demo", default_of="dataset")
+    _add(g, "--dataset", help="mlcc, bcfc, sipakmed, hicervix, folder, csv or demo", default_of="dataset")
+    _add(g, "--dataset_name", help="folder and csv data: the name in run folders, tables and plots (default: "
+         "the --root_path folder's name)")
     _add(g, "--level", help="HiCervix labels: level_1, level_2, level_3 (default), class_name")
+    _add(g, "--level_fallback", choices=("original", "parent", "none"),
+         help="HiCervix: original (level 3 falls back to level 2, level 2 has no fallback; default), parent "
+              "(every level falls back to its parent), none")
+    _add(g, "--protocol", help="paper (default) or, for HiCervix, official (level 3 = the 23 classes of "
+         "HiCervix's benchmark)")
+    _add(g, "--label_map", help='merge classes at load time: a JSON file or "normal=a,b,c;abnormal=d,e"')
     _add(g, "--seed", type=int, default_of="seed")
     _add(g, "--shots", type=int, help="images per class; -1 = all; 0 with --pourcentage", default_of="shots")
     _add(g, "--pourcentage", "--percentage", dest="percentage", type=float,
@@ -198,7 +208,7 @@ def _resolve_settings(method, settings: dict) -> dict:
 
 def _resolve(config: RunConfig, given: dict, preset: dict) -> None:
     """Model, backbone and label level resolved through their registries, so folders name what runs."""
-    from datasets.registry import resolve_level
+    from datasets.registry import resolve_level, resolve_level_fallback, resolve_protocol
     from models.registry import resolve, resolve_backbone
 
     if config.percentage == 0 and config.shots != 0:
@@ -211,6 +221,28 @@ def _resolve(config: RunConfig, given: dict, preset: dict) -> None:
     if level is None and "level" in preset:
         level = preset["level"] if resolve_level(config.dataset, None) else None
     config.level = resolve_level(config.dataset, level)
+    _resolve_data(config)
+    config.level_fallback = resolve_level_fallback(config.dataset, config.level_fallback)
+    config.protocol = resolve_protocol(config.dataset, config.protocol)
+    if config.label_map:
+        from datasets import parse_label_map
+
+        parse_label_map(config.label_map)  # a bad map fails here, before anything runs
+
+
+def _resolve_data(config: RunConfig) -> None:
+    """An absolute data root (it is part of a run's identity) and the name of generic (folder, csv) data."""
+    from datasets import get_dataset
+
+    info = get_dataset(config.dataset)
+    if config.root_path:
+        config.root_path = str(Path(config.root_path).expanduser().resolve())
+    if config.dataset_name and not info.generic:
+        raise UserError(f"--dataset_name names folder or csv data; {config.dataset} has its own name")
+    if info.generic and not config.dataset_name:
+        config.dataset_name = Path(config.root_path).name if config.root_path else None
+    if config.dataset_name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", config.dataset_name):
+        raise UserError(f"--dataset_name {config.dataset_name!r}: use letters, digits, '_', '-' and '.'")
 
 
 def _validate(config: RunConfig) -> None:

@@ -23,7 +23,11 @@ class RunConfig:
     experiment: int = 0  # the paper's experiment this run corresponds to (0: none); a label, not a switch
     root_path: str = ""
     dataset: str = "demo"
+    dataset_name: str | None = None  # folder/csv data: the name in folders, tables and plots
     level: str | None = None
+    level_fallback: str | None = None  # label levels only: original (the paper's code), parent or none
+    protocol: str = "paper"
+    label_map: str | None = None  # merge classes at load time: JSON file or "new=a,b;other=c"
     seed: int = 1
     shots: int = 16
     percentage: float | None = None
@@ -62,14 +66,19 @@ class RunConfig:
 # Settings that say where or how a run executes, not what it computes: a checkpoint resumes
 # across them, and the report groups runs without them.
 RUNTIME_FIELDS = frozenset({"output_dir", "device", "num_workers", "wandb", "overwrite", "eval_only", "run",
-                            "checkpoint_every", "root_path", "demo"})
+                            "checkpoint_every", "demo"})
 # Recorded, but derived from the others: two runs that differ only here compute the same thing.
 DERIVED_FIELDS = frozenset({"preset", "experiment"})
 
 
 def computing_settings(config: RunConfig) -> dict:
-    """The settings that change what a run computes."""
-    return {k: v for k, v in config.to_dict().items() if k not in RUNTIME_FIELDS | DERIVED_FIELDS}
+    """The settings that change what a run computes, with a local weights file identified by its content
+    stamp (paths, sizes, modification times), so that a replaced file is a new run."""
+    from common.io import file_identity
+
+    settings = {k: v for k, v in config.to_dict().items() if k not in RUNTIME_FIELDS | DERIVED_FIELDS}
+    settings["weights"] = file_identity(config.weights)
+    return settings
 
 
 def fingerprint(config: RunConfig) -> str:
@@ -113,7 +122,8 @@ def run_dir(config: RunConfig) -> Path:
     Two runs that compute different things never share a folder; a rerun of the same settings
     finds its own folder (and skips or resumes it).
     """
-    dataset = f"{config.dataset}-{config.level}" if config.level else config.dataset
+    name = config.dataset_name or config.dataset
+    dataset = f"{name}-{config.level}" if config.level else name
     top = f"exp{config.experiment}" if config.experiment else "runs"
     return (Path(config.output_dir) / top / dataset / model_label(config) / method_label(config)
             / data_label(config) / f"lr{_num(config.lr)}" / f"seed{config.seed}-{fingerprint(config)[:8]}")

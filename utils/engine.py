@@ -27,7 +27,7 @@ from utils import images as img
 from utils import results as res
 from utils.augment import augment_batch, normalise
 from utils.config import RunConfig, fingerprint, model_label, run_dir
-from utils.metrics import compute_metrics
+from utils.metrics import compute_metrics, hierarchical_metrics
 from utils.tracking import start_tracking
 from utils.trainer import CHECKPOINT_FILE, Trainer, TrainSettings, TrainStats, batch_indices, collect_outputs
 
@@ -132,7 +132,8 @@ def load_data(config: RunConfig):
     from datasets import load_split
 
     split = load_split(config.root_path or None, config.dataset, shots=config.shots, seed=config.seed,
-                       level=config.level, percentage=config.percentage)
+                       level=config.level, percentage=config.percentage, protocol=config.protocol,
+                       level_fallback=config.level_fallback or "original", label_map=config.label_map)
     if config.num_classes is not None and config.num_classes != len(split.classes):
         raise UserError(
             f"--num_classes {config.num_classes} disagrees with the data: {config.dataset} has "
@@ -199,7 +200,8 @@ def train(ctx: RunContext, plan: Plan, tracker) -> tuple[list[dict], int]:
     for i, stage in enumerate(plan.stages):
         name = CHECKPOINT_FILE if len(plan.stages) == 1 else f"checkpoint-{stage.name}.pt"
         settings = _train_settings(ctx.config, ctx, stage)
-        trainer = Trainer(stage.module, settings, ctx.out, fingerprint(ctx.config), checkpoint_name=name)
+        trainer = Trainer(stage.module, settings, ctx.out, fingerprint(ctx.config), checkpoint_name=name,
+                          extra_loss=stage.extra_loss)
         if trainer.try_resume():
             print(f"resuming {stage.name} from step {trainer.step} of {stage.steps}", file=sys.stderr)
         batches, prepare = _batches(ctx, stage)
@@ -265,36 +267,65 @@ def load_weights(ctx: RunContext, plan: Plan, folder: Path) -> None:
 # -- evaluation -----------------------------------------------------------------------------
 @torch.no_grad()
 def predict(ctx: RunContext, plan: Plan, part: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax probabilities and labels of the plan's classifier on one part of the split."""
+    """Logits (float32) and labels of the plan's classifier on one part of the split."""
     model = plan.model
     if plan.inputs == "features":
         x, y = ctx.features(part)
         model.eval()
-        logits = torch.cat([model(chunk.to(ctx.device)).float().cpu() for chunk in x.split(4096)])
-        return logits.softmax(dim=1), y
+        return torch.cat([model(chunk.to(ctx.device)).float().cpu() for chunk in x.split(4096)]), y
     c = ctx.config
     samples = ctx.split.items(part)
     batches = img.iterate_batches(samples, ctx.spec.input_size, c.batch_size, c.num_workers)
     mean, std = ctx.mean, ctx.std
     total = -(-len(samples) // c.batch_size)
-    logits, labels = collect_outputs(model, model, batches, lambda x: normalise(x, mean, std), ctx.device,
-                                     ctx.precision, total, desc=f"eval {part}")
-    return logits.softmax(dim=1), labels
+    return collect_outputs(model, model, batches, lambda x: normalise(x, mean, std), ctx.device, ctx.precision,
+                           total, desc=f"eval {part}")
 
 
-def evaluate(ctx: RunContext, plan: Plan) -> tuple[dict, list]:
-    """Metrics of val and test, and one prediction row per image."""
-    metrics, rows = {}, []
+def evaluate(ctx: RunContext, plan: Plan) -> tuple[dict, list, dict]:
+    """Metrics of val and test, one prediction row per image, and temperature scaling fitted on val.
+
+    The reported metrics are those of the uncalibrated model; the calibration record adds test
+    ECE, NLL and Brier score before and after dividing the logits by the temperature (which
+    never changes a prediction).
+    """
+    metrics, rows, logits = {}, [], {}
     for part in ("val", "test"):
         samples = ctx.split.items(part)
         if not samples:
             continue
-        probs, labels = predict(ctx, plan, part)
+        logits[part] = predict(ctx, plan, part)
+        probs, labels = logits[part][0].softmax(dim=1), logits[part][1]
         metrics[part] = compute_metrics(probs.numpy(), labels.numpy(), ctx.split.classes)
+        tree = _label_tree(ctx)
+        if tree:
+            metrics[part]["hierarchy"] = hierarchical_metrics(tree, list(ctx.split.classes), labels.numpy(),
+                                                              probs.argmax(dim=1).numpy())
         preds = probs.argmax(dim=1).tolist()
         for (path, label), pred, p in zip(samples, preds, probs.tolist(), strict=True):
             rows.append((part, ctx.split.relative(path), label, pred, p))
-    return metrics, rows
+    return metrics, rows, _calibration(ctx, logits)
+
+
+def _label_tree(ctx: RunContext) -> dict | None:
+    """The dataset's label tree when the run classifies at its deepest level, else None."""
+    from datasets import get_dataset
+
+    info = get_dataset(ctx.config.dataset)
+    if info.hierarchy is None or not info.levels or ctx.config.level != info.default_level:
+        return None
+    return info.hierarchy(ctx.config.root_path, ctx.config.level_fallback or "original")
+
+
+def _calibration(ctx: RunContext, logits: dict) -> dict:
+    from utils.calibration import calibration_report, reliability_bins
+
+    if "val" not in logits or "test" not in logits:
+        return {"calibration": {"skipped": "no validation or no test images"}}
+    (val, val_y), (test, test_y) = logits["val"], logits["test"]
+    report = calibration_report(val.numpy(), val_y.numpy(), test.numpy(), test_y.numpy(), len(ctx.split.classes))
+    report["test_reliability"] = reliability_bins(test.softmax(dim=1).numpy(), test_y.numpy())
+    return report
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -365,10 +396,11 @@ def run(config: RunConfig) -> int:
     ctx.out.mkdir(parents=True, exist_ok=True)
     if plan.stages:
         save_weights(ctx, plan, ctx.out)  # before evaluation: a failed evaluation keeps the trained state
-    metrics, rows = evaluate(ctx, plan)
+    metrics, rows, calibration = evaluate(ctx, plan)
     ctx.split.write_manifest(ctx.out / res.SPLIT_FILE)
     res.write_predictions(ctx.out / res.PREDICTIONS_FILE, rows, list(ctx.split.classes))
-    path = res.write_results(ctx.out / res.RESULTS_FILE, _record(ctx, plan, metrics, stages, trainable))
+    record = _record(ctx, plan, metrics, stages, trainable, **calibration)
+    path = res.write_results(ctx.out / res.RESULTS_FILE, record)
     remove_checkpoints(ctx.out)
     tracker.summary(_flat(metrics))
     tracker.finish()
@@ -383,10 +415,10 @@ def _eval_only(ctx: RunContext, plan: Plan) -> int:
         raise UserError(f"{out} exists: add --overwrite to replace it")
     load_weights(ctx, plan, ctx.out)
     t0 = time.perf_counter()
-    metrics, rows = evaluate(ctx, plan)
+    metrics, rows, calibration = evaluate(ctx, plan)
     res.write_predictions(ctx.out / f"eval_{res.PREDICTIONS_FILE}", rows, list(ctx.split.classes))
     path = res.write_results(out, _record(ctx, plan, metrics, [], 0, eval_only=True,
-                                          eval_seconds=round(time.perf_counter() - t0, 3)))
+                                          eval_seconds=round(time.perf_counter() - t0, 3), **calibration))
     summary(ctx, metrics, path, [])
     return 0
 

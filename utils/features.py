@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.io import atomic_write
+from common.io import atomic_write, file_identity
 from utils import images as img
 from utils.augment import normalise
 from utils.trainer import collect_outputs
@@ -23,21 +23,12 @@ def cache_root() -> Path:
     return Path(base) / "features"
 
 
-def weights_identity(weights: str) -> str:
-    """A local weights file is identified by its path, size and modification time."""
-    path = Path(weights)
-    if path.exists():
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        return json.dumps([[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
-    return weights
-
-
 def cache_key(spec, backbone: str | None, samples: Sequence[tuple[str, int]]) -> str:
     """Hash of everything that determines the features of these images."""
     payload = {
         "model": spec.key,
         "backbone": backbone,
-        "weights": weights_identity(spec.weights),
+        "weights": file_identity(spec.weights),
         "preprocessing": [spec.input_size, list(spec.mean), list(spec.std), "resize-bicubic"],
         "images": [[str(Path(p).resolve()), Path(p).stat().st_mtime_ns, label] for p, label in samples],
     }

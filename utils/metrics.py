@@ -218,3 +218,25 @@ def retrieval_metrics(similarity: np.ndarray, ks: Sequence[int] = (1, 5, 10)) ->
         scores["median_rank"] = float(np.median(rank))
         out[direction] = scores
     return out
+
+
+def hierarchical_metrics(tree: dict, class_names: list[str], y_true, y_pred) -> dict:
+    """Accuracy at the two upper levels of a label tree and the mean tree distance of mistakes.
+
+    `tree` maps each deepest-level label to its (level_1, level_2) ancestors; a prediction is
+    mapped up the tree, so a level-3 mistake inside the right parent still counts as right at
+    level 2. Distance: 0 = right, 1 = right parent, 2 = right grandparent, 3 = otherwise.
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    chain = [(name, *reversed(tree.get(name, (name, name)))) for name in class_names]  # (l3, l2, l1)
+    t = [chain[i] for i in y_true]
+    p = [chain[i] for i in y_pred]
+    distance = np.array([next((k for k in range(3) if a[k] == b[k]), 3) for a, b in zip(t, p, strict=True)])
+    wrong = distance > 0
+    return {
+        "accuracy_level_1": float(np.mean([a[2] == b[2] for a, b in zip(t, p, strict=True)])),
+        "accuracy_level_2": float(np.mean([a[1] == b[1] for a, b in zip(t, p, strict=True)])),
+        "accuracy_level_3": float((~wrong).mean()),
+        "mean_mistake_distance": float(distance[wrong].mean()) if wrong.any() else 0.0,
+        "mean_distance": float(distance.mean()),
+    }

@@ -139,8 +139,9 @@ class Trainer:
     """Runs the optimisation of the trainable parameters of one module."""
 
     def __init__(self, module: nn.Module, settings: TrainSettings, run_dir: Path | None, fingerprint: str,
-                 checkpoint_name: str = CHECKPOINT_FILE):
+                 checkpoint_name: str = CHECKPOINT_FILE, extra_loss: Callable[[nn.Module], torch.Tensor] | None = None):
         self.module = module
+        self.extra_loss = extra_loss
         self.checkpoint_name = checkpoint_name
         self.s = settings
         self.run_dir = run_dir
@@ -256,6 +257,8 @@ class Trainer:
         with autocast(s.device, s.precision):
             logits = self.module(inputs)
         loss = F.cross_entropy(logits.float(), labels)
+        if self.extra_loss is not None:
+            loss = loss + self.extra_loss(self.module)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"the loss became {loss.item()} at step {self.step + 1}: lower the learning rate "

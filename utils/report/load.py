@@ -14,7 +14,9 @@ from utils import results as res
 from utils.config import DERIVED_FIELDS, RUNTIME_FIELDS, RunConfig, method_label, model_label
 
 RESULTS_FILE = res.RESULTS_FILE
-CONTEXT_FIELDS = ("dataset", "level", "shots", "percentage")  # what two arms must share to be paired
+# What two arms must share to be paired: the same data (the first is the one shown).
+CONTEXT_FIELDS = ("dataset", "level", "shots", "percentage", "dataset_name", "root_path", "level_fallback",
+                  "protocol", "label_map")
 MODEL_FIELDS = ("model_name", "backbone")
 SHOWN_FIELDS = ("experiment", "dataset", "level", "shots", "percentage", "lr")
 # Already visible in the model and method labels, so not repeated in an arm's name.
@@ -146,7 +148,7 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
 def _group_order(group: Group) -> tuple:
     c = group.config
     data = (0, c.shots if c.shots >= 0 else 10**9) if c.percentage is None else (1, c.percentage)
-    return (c.experiment, c.dataset, c.level or "", model_label(c), method_label(c), data, c.lr,
+    return (c.experiment, c.dataset_name or c.dataset, c.level or "", model_label(c), method_label(c), data, c.lr,
             _freeze(group.key))
 
 

@@ -124,6 +124,58 @@ def plot_methods(groups: Sequence[Group], varying: Sequence[str], out: Path) -> 
     return written
 
 
+def pooled_reliability(group: Group) -> dict | None:
+    """Test reliability bins of a setting pooled over its seeds (counts added, means weighted by count)."""
+    pooled = None
+    for run in group.runs:
+        bins = run.data.get("test_reliability")
+        if not bins:
+            continue
+        if pooled is None:
+            pooled = {"edges": bins["edges"], "count": [0] * len(bins["count"]),
+                      "conf_sum": [0.0] * len(bins["count"]), "acc_sum": [0.0] * len(bins["count"])}
+        for i, n in enumerate(bins["count"]):
+            if n:
+                pooled["count"][i] += n
+                pooled["conf_sum"][i] += n * bins["confidence"][i]
+                pooled["acc_sum"][i] += n * bins["accuracy"][i]
+    return pooled
+
+
+def plot_reliability(groups: Sequence[Group], varying: Sequence[str], out: Path) -> list[Path]:
+    """Reliability diagrams per dataset and data size: accuracy against confidence per bin, one panel per
+    arm, with the number of test images in each bin written above its bar (pooled over seeds)."""
+    plt = _pyplot()
+    written = []
+    slots: dict[tuple, list[Group]] = defaultdict(list)
+    for g in groups:
+        if pooled_reliability(g):
+            slots[(_dataset_name(g.config), _column_order(g.config), _column_label(g.config))].append(g)
+    for (dataset, _, data), members in sorted(slots.items()):
+        members = sorted(members, key=_arm_rank)
+        fig, axes = plt.subplots(1, len(members), figsize=(3.2 * len(members), 3.4), squeeze=False)
+        for ax, g in zip(axes[0], members, strict=True):
+            bins = pooled_reliability(g)
+            edges = bins["edges"]
+            width = edges[1] - edges[0]
+            centres = [lo + width / 2 for lo in edges[:-1]]
+            acc = [a / n if n else 0.0 for a, n in zip(bins["acc_sum"], bins["count"], strict=True)]
+            ax.bar(centres, acc, width * 0.9, edgecolor="black", color="0.7", label="accuracy")
+            ax.plot([0, 1], [0, 1], linestyle="--", color="black", linewidth=1, label="perfect calibration")
+            for x, a, n in zip(centres, acc, bins["count"], strict=True):
+                if n:
+                    ax.text(x, min(a + 0.02, 0.95), str(n), ha="center", fontsize=6)
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1)
+            ax.set_xlabel("confidence")
+            ax.set_title(arm_label(g, varying), fontsize=7)
+        axes[0][0].set_ylabel("accuracy (test, pooled over seeds)")
+        axes[0][0].legend(fontsize=6, loc="upper left")
+        fig.suptitle(f"{dataset}, {data}: reliability (bar labels: images per bin)", fontsize=9)
+        written.append(_save(fig, out / f"reliability_{_safe(dataset)}_{_safe(data)}.png"))
+    return written
+
+
 def plot_confusion(run_folder: str | Path, out: Path) -> Path:
     """The test confusion matrix of one run (counts written in every cell, grey shades by row fraction)."""
     path = Path(run_folder)

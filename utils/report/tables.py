@@ -28,7 +28,7 @@ def summary_row(group: Group, varying: Sequence[str]) -> dict:
     """One summary.csv row: the setting, its seeds, raw values and statistics of each test metric."""
     c = group.config
     row: dict = {
-        "experiment": c.experiment, "method": method_label(c), "dataset": c.dataset, "level": c.level or "",
+        "experiment": c.experiment, "method": method_label(c), "dataset": _dataset_name(c), "level": c.level or "",
         "model": model_label(c), "shots": c.shots, "percentage": "" if c.percentage is None else c.percentage,
         "lr": c.lr,
     }
@@ -157,7 +157,8 @@ def paired_rows(groups: Sequence[Group], varying: Sequence[str], n_resamples: in
                     continue
                 d = paired_bootstrap(va, vb, n_resamples=n_resamples, seed=seed)
                 rows.append({
-                    "dataset": context[0], "level": context[1], "shots": context[2], "percentage": context[3],
+                    "dataset": context[4] or context[0], "level": context[1], "shots": context[2],
+                    "percentage": context[3],
                     "comparison": kind, "a": arm_label(a, varying), "b": arm_label(b, varying),
                     "lr_a": a.config.lr, "lr_b": b.config.lr, "metric": "test_balanced_accuracy",
                     "n_pairs": d.n, "seeds": ";".join(map(str, seeds)),
@@ -219,7 +220,8 @@ def _column_order(c: RunConfig) -> tuple:
 
 
 def _dataset_name(c: RunConfig) -> str:
-    return f"{c.dataset} ({c.level})" if c.level and c.dataset == "hicervix" else c.dataset
+    name = c.dataset_name or c.dataset
+    return f"{name} ({c.level})" if c.level else name
 
 
 def markdown_tables(groups: Sequence[Group], varying: Sequence[str], metric: str) -> list[str]:
@@ -262,6 +264,31 @@ def method_tables(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
                 "seeds": [str(len(g.runs)) for g in members]}
         lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows.items()] + [""]
     return lines
+
+
+def calibration_tables(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
+    """Test ECE before and after temperature scaling (fitted on validation), mean over seeds, per arm."""
+    lines: list[str] = []
+    rows = []
+    for g in sorted(groups, key=_arm_rank):
+        before = [r.data.get("test_before", {}).get("ece") for r in g.runs]
+        after = [(r.data.get("test_after") or {}).get("ece") for r in g.runs]
+        temps = [r.data.get("calibration", {}).get("temperature") for r in g.runs]
+        skipped = sum(1 for r in g.runs if "skipped" in r.data.get("calibration", {}))
+        if all(v is None for v in before):
+            continue
+        rows.append(f"| {_dataset_name(g.config)} | {_column_label(g.config)} | {arm_label(g, varying)} | "
+                    f"{_pct(before)} | {_pct(after)} | {_float_text(summarize([t for t in temps if t]).mean)} | "
+                    f"{len(g.runs) - skipped}/{len(g.runs)} |")
+    if rows:
+        lines += ["| Dataset | Data | Arm | ECE before (%) | ECE after (%) | temperature | fitted |",
+                  "|---|---|---|---|---|---|---|", *rows, ""]
+    return lines
+
+
+def _pct(values) -> str:
+    s = summarize([v for v in values if v is not None])
+    return "–" if math.isnan(s.mean) else f"{100 * s.mean:.1f}"
 
 
 def _interval(g: Group) -> str:
@@ -315,6 +342,12 @@ def markdown_report(source: Path, runs: Sequence[Run], groups: Sequence[Group], 
               "received a gradient.", ""] + method_tables(chosen, varying)
     for metric, title in (("balanced_accuracy", "Balanced accuracy"), ("accuracy", "Accuracy")):
         lines += [f"## {title} (test)", ""] + markdown_tables(chosen, varying, metric)
+    calibration = calibration_tables(chosen, varying)
+    if calibration:
+        lines += ["## Calibration (test)", "",
+                  "Temperature scaling fitted on validation (one scalar, NLL); predictions do not change, "
+                  "so accuracies are the same before and after. Mean over seeds; a seed whose validation "
+                  "set has fewer than 2 images of some class is not fitted.", ""] + calibration
     if pairs:
         lines += ["## Paired comparisons (test balanced accuracy, a − b, percentage points)", "",
                   ("Same data and seeds; 95% paired t-interval over seeds. With few seeds these intervals are "
