@@ -211,3 +211,25 @@ def test_level_options_outside_hicervix_are_errors(folder_root, tmp_path):
         p = run("main.py", "--root_path", str(folder_root), "--dataset", "folder", *flag,
                 "--output_dir", str(tmp_path), *TINY)
         assert p.returncode == 2 and "hicervix" in p.stderr, p.stderr
+
+
+def test_eval_only_and_rerun_read_the_saved_settings(lora_run, folder_root, tmp_path):
+    out, _ = lora_run
+    folder = results_in(out)[0].parent
+    # only what may change: no model, method or LoRA flags
+    p = run("main_lora.py", "--eval_only", "--run", str(folder), "--device", "cpu", "--num_workers", "0",
+            "--overwrite")
+    assert p.returncode == 0, p.stderr
+    again = json.loads((folder / "eval_results.json").read_text())
+    trained = json.loads((folder / "results.json").read_text())
+    assert again["metrics"]["test"]["confusion_matrix"] == trained["metrics"]["test"]["confusion_matrix"]
+    # main.py evaluates a saved LoRA run too: the method comes from the run
+    p = run("main.py", "--eval_only", "--run", str(folder), "--overwrite")
+    assert p.returncode == 0, p.stderr
+    # --from repeats the recorded configuration; another output folder gives the same run folder below it
+    p = run("main_lora.py", "--from", str(folder / "results.json"), "--output_dir", str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    rerun = only_result(tmp_path)
+    assert rerun["config"]["method_settings"] == trained["config"]["method_settings"]
+    assert rerun["metrics"] == trained["metrics"]
+    assert results_in(tmp_path)[0].parent.relative_to(tmp_path) == folder.relative_to(out)

@@ -150,7 +150,10 @@ def build_parser(default_method: str, prog: str) -> argparse.ArgumentParser:
     _add(g, "--overwrite", action="store_const", const=True, help="replace a finished run in the same folder")
     _add(g, "--eval_only", action="store_const", const=True, help="evaluate a finished run's saved weights "
          "(needs --run)")
-    _add(g, "--run", "--lora_path", dest="run", help="run folder whose weights --eval_only evaluates")
+    _add(g, "--run", "--lora_path", dest="run", help="run folder whose weights --eval_only evaluates (its "
+         "settings are read from its results.json; give only what changes, such as --root_path or --device)")
+    _add(g, "--from", dest="from_results", help="a results.json whose recorded settings this run repeats "
+         "(flags given override them)")
     return p
 
 
@@ -168,12 +171,16 @@ def parse_config(argv: Sequence[str] | None, default_method: str = "lora", prog:
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or ("main_lora.py" if default_method == "lora" else "main.py")
     given = vars(build_parser(default_method, prog).parse_args(argv))
+    saved = _saved_settings(given)
     preset = dict(PRESETS.get(given.get("preset"), {}))
-    method = get_method(given.pop("method", None) or preset.pop("method", None) or default_method)
+    method = get_method(given.pop("method", None) or saved.pop("method", None) or preset.pop("method", None)
+                        or default_method)
     preset.pop("method", None)
+    given.pop("from_results", None)
     values: dict = {}
     if method.lr is not None:
         values["lr"] = method.lr
+    values.update(saved)
     values.update({k: v for k, v in preset.items() if k in RunConfig.__dataclass_fields__ or k in _fields(method)})
     if not argv:
         values.update(_demo_overrides(method.inputs))
@@ -188,10 +195,28 @@ def parse_config(argv: Sequence[str] | None, default_method: str = "lora", prog:
     values = {k: v for k, v in values.items() if k in RunConfig.__dataclass_fields__}
     config = RunConfig(method=method.name, **values)
     config.method_settings = _resolve_settings(method, settings)
-    _resolve(config, given, preset)
+    _resolve(config, {**saved, **given}, preset)
     config.experiment = method.experiment(config)
     _validate(config)
     return config
+
+
+def _saved_settings(given: dict) -> dict:
+    """The recorded settings of a finished run: --from RESULTS_JSON, or --eval_only --run RUN_FOLDER."""
+    from utils import results as res
+
+    source = given.get("from_results")
+    if source is None and given.get("eval_only") and given.get("run"):
+        source = Path(given["run"]) / res.RESULTS_FILE
+        if not source.is_file():
+            raise UserError(f"no {res.RESULTS_FILE} in {given['run']}: point --run at a finished run folder")
+    if source is None:
+        return {}
+    config = res.read_results(source)["config"]
+    skip = {"eval_only", "run", "overwrite", "demo", "experiment", "preset", "method_settings"}
+    saved = {k: v for k, v in config.items() if k in RunConfig.__dataclass_fields__ and k not in skip}
+    saved.update(config.get("method_settings", {}))
+    return saved
 
 
 def _fields(method) -> set[str]:

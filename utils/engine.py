@@ -423,6 +423,26 @@ def _eval_only(ctx: RunContext, plan: Plan) -> int:
     return 0
 
 
+def open_run(folder: str | Path, args: list[str] | tuple[str, ...] = ()) -> tuple[RunContext, Plan]:
+    """A finished run's context and classifier with its trained weights loaded, in eval mode.
+
+    Settings come from the run's results.json; `args` override what may change on this machine
+    (e.g. ``["--root_path", "/data", "--device", "cpu"]``). Methods that train nothing rebuild
+    their classifier from the run's train features, so the data must be reachable.
+    """
+    from utils.cli import parse_config
+
+    config = parse_config(["--eval_only", "--run", str(folder), *args], prog="open_run")
+    method = get_method(config.method)
+    ctx = prepare_context(config)
+    plan = method.build(ctx, method.resolve(config.method_settings))
+    plan.model.to(ctx.device)
+    if method.trains:
+        load_weights(ctx, plan, ctx.out)
+    plan.model.eval()
+    return ctx, plan
+
+
 def _flat(metrics: dict) -> dict:
     return {f"{part}/{k}": v for part, m in metrics.items() for k, v in m.items() if isinstance(v, (int, float))}
 
