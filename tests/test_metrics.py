@@ -149,3 +149,4 @@ def test_hierarchical_metrics_map_predictions_up_the_tree():
     assert m["accuracy_level_1"] == 4 / 5
     assert m["mean_mistake_distance"] == (1 + 2 + 3) / 3
     assert m["mean_distance"] == 6 / 5
+

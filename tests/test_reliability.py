@@ -166,3 +166,45 @@ def test_a_different_seed_changes_the_split(folder_root):
     b = load_split(str(folder_root), "folder", shots=2, seed=2)
     assert a.sha256 != b.sha256
 
+
+
+def test_every_bad_image_is_listed_before_the_model_is_built(tmp_path):
+    root = make_folder_dataset(tmp_path / "data", {"train": 3, "val": 2, "test": 2})
+    (root / "train" / "red_97.png").write_bytes(b"broken")
+    (root / "test" / "blue_98.png").write_bytes(b"")
+    out = tmp_path / "out"
+    # clip's weights are not here: the images are checked first, so the error is about them
+    p = run("main.py", "--root_path", str(root), "--dataset", "folder", "--model_name", "clip",
+            "--output_dir", str(out), "--device", "cpu")
+    assert_user_error(p, out, "2 image(s)", "red_97.png", "blue_98.png")
+
+
+def test_checked_images_are_remembered(tmp_path, monkeypatch):
+    import datasets
+    from utils import images
+
+    root = make_folder_dataset(tmp_path / "data", {"train": 2})
+    paths = sorted(str(p) for p in root.rglob("*.png"))
+    cache = tmp_path / "decodable.json"
+    images.check_decodable(paths, cache)
+    calls = []
+    monkeypatch.setattr(datasets, "load_image", lambda p: calls.append(p))
+    images.check_decodable(paths, cache)
+    assert calls == []
+    Path(paths[0]).write_bytes(Path(paths[1]).read_bytes() + b"\0")  # changed file: checked again
+    images.check_decodable(paths, cache)
+    assert calls == [paths[0]]
+
+
+def test_thin_classes_are_named_in_a_warning_and_in_results(tmp_path):
+    root = make_folder_dataset(tmp_path / "data", {"train": 3, "val": 2, "test": 2})
+    for extra in ("train", "val"):
+        write_cell(root / extra / "rare_0.png", (10, 10, 10), np.random.default_rng(0))
+    out = tmp_path / "out"
+    p = run("main.py", "--root_path", str(root), "--dataset", "folder", "--shots", "-1", "--n_iters", "1",
+            "--output_dir", str(out), *TINY)
+    assert p.returncode == 0, p.stderr
+    assert "warning: class 'rare' has 1 train image(s)" in p.stderr and "absent from test" in p.stderr
+    r = json.loads(next(out.rglob("results.json")).read_text())
+    assert len(r["warnings"]) == 2
+    assert "rare" not in r["metrics"]["test"]["balanced_accuracy_over"]

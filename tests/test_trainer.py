@@ -31,13 +31,19 @@ def _take(it, n):
 
 
 def test_batches_are_epoch_permutations_and_resume_exactly():
-    full = _take(batch_indices(10, 4, seed=3, start_step=0), 9)  # 2 full batches per epoch (drop last)
-    assert all(len(b) == 4 for b in full)
-    for e in range(4):
-        epoch = full[2 * e] + full[2 * e + 1]
-        assert len(set(epoch)) == 8
+    full = _take(batch_indices(10, 4, seed=3, start_step=0), 9)  # 4 + 4 + a partial 2 per epoch
+    assert [len(b) for b in full] == [4, 4, 2] * 3
+    for e in range(3):
+        assert sorted(full[3 * e] + full[3 * e + 1] + full[3 * e + 2]) == list(range(10))
     assert _take(batch_indices(10, 4, seed=3, start_step=5), 4) == full[5:9]
     assert full != _take(batch_indices(10, 4, seed=4, start_step=0), 9)
+
+
+def test_drop_last_keeps_full_batches_only():
+    full = _take(batch_indices(10, 4, seed=3, start_step=0, drop_last=True), 6)
+    assert all(len(b) == 4 for b in full)
+    for e in range(3):
+        assert len(set(full[2 * e] + full[2 * e + 1])) == 8
 
 
 def test_small_set_uses_everything_each_step():

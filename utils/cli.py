@@ -137,6 +137,8 @@ def build_parser(default_method: str, prog: str) -> argparse.ArgumentParser:
     _add(g, "--n_iters", type=int, help="few-shot: n_iters x K steps; otherwise n_iters epochs; plus "
          "--warmup_steps", default_of="n_iters")
     _add(g, "--batch_size", type=int, default_of="batch_size")
+    _add(g, "--drop_last", type=_bool, help="True: drop each epoch's last partial batch (default: False, as the "
+         "original code)")
     _add(g, "--warmup_steps", type=int, default_of="warmup_steps")
     _add(g, "--weight_decay", type=float, default_of="weight_decay")
     _add(g, "--checkpoint_every", type=int, help="steps between checkpoints", default_of="checkpoint_every")

@@ -39,6 +39,7 @@ class RunConfig:
     lr: float = 2e-4
     n_iters: int = 500
     batch_size: int = 32
+    drop_last: bool = False  # True drops each epoch's last partial batch (the original code keeps it)
     weight_decay: float = 1e-2
     warmup_steps: int = 50
     min_lr: float = 1e-6

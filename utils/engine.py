@@ -29,7 +29,15 @@ from utils.augment import augment_batch, normalise
 from utils.config import RunConfig, fingerprint, model_label, run_dir
 from utils.metrics import compute_metrics, hierarchical_metrics
 from utils.tracking import start_tracking
-from utils.trainer import CHECKPOINT_FILE, Trainer, TrainSettings, TrainStats, batch_indices, collect_outputs
+from utils.trainer import (
+    CHECKPOINT_FILE,
+    Trainer,
+    TrainSettings,
+    TrainStats,
+    batch_indices,
+    collect_outputs,
+    steps_per_epoch,
+)
 
 WEIGHTS_FILE = "weights.safetensors"
 DEMO_BANNER = (
@@ -109,7 +117,7 @@ class RunContext:
     def epoch_steps(self) -> int:
         """Warmup plus n_iters epochs of the train set (the linear probe's budget)."""
         c = self.config
-        return c.warmup_steps + c.n_iters * max(len(self.split.train) // c.batch_size, 1)
+        return c.warmup_steps + c.n_iters * steps_per_epoch(len(self.split.train), c.batch_size, c.drop_last)
 
     def paper_steps(self) -> int:
         """The paper's LoRA budget: warmup + n_iters x K steps few-shot, n_iters epochs otherwise.
@@ -142,6 +150,29 @@ def load_data(config: RunConfig):
     return split
 
 
+def _cache_dir() -> Path:
+    from utils.features import cache_root
+
+    return cache_root().parent
+
+
+def class_warnings(split) -> list[str]:
+    """Classes too thin to support a conclusion: fewer than 2 train images, or none in test."""
+    counts = split.counts()
+    out = [f"class {name!r} has {n} train image(s): its metrics rest on almost nothing"
+           for name, n in counts["train"].items() if n < 2]
+    absent = [name for name, n in counts["test"].items() if n == 0]
+    if absent and split.test:
+        out.append(f"class(es) {', '.join(map(repr, absent))} absent from test: balanced accuracy and macro "
+                   "scores average over the other classes only")
+    return out
+
+
+def _warn_about_classes(split) -> None:
+    for message in class_warnings(split):
+        print(f"warning: {message}", file=sys.stderr)
+
+
 def prepare_context(config: RunConfig) -> RunContext | None:
     """Everything that can fail because of a user mistake happens here, before anything is written."""
     from models import load_model
@@ -154,6 +185,9 @@ def prepare_context(config: RunConfig) -> RunContext | None:
         return None
     seed_everything(config.seed)
     split = load_data(config)
+    img.check_decodable([path for part in ("train", "val", "test") for path, _ in split.items(part)],
+                        _cache_dir() / "decodable.json")
+    _warn_about_classes(split)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     spec = load_model(config.model_name, backbone=config.backbone, weights=config.weights)
@@ -175,7 +209,7 @@ def _batches(ctx: RunContext, stage: Stage):
         x, y = ctx.features("train")
 
         def feature_batches(start: int):
-            for idx in batch_indices(len(y), c.batch_size, c.seed, start):
+            for idx in batch_indices(len(y), c.batch_size, c.seed, start, c.drop_last):
                 ids = torch.as_tensor(idx)
                 yield x[ids], y[ids]
 
@@ -184,7 +218,7 @@ def _batches(ctx: RunContext, stage: Stage):
     mean, std = ctx.mean, ctx.std
 
     def image_batches(start: int):
-        return data.stream(batch_indices(len(data), c.batch_size, c.seed, start))
+        return data.stream(batch_indices(len(data), c.batch_size, c.seed, start, c.drop_last))
 
     if stage.augment:
         return image_batches, lambda x, g: augment_batch(x, mean, std, g)
@@ -338,7 +372,7 @@ def _record(ctx: RunContext, plan: Plan, metrics: dict, stages: list[dict], trai
         model={"key": ctx.spec.key, "weights": ctx.spec.weights, "feature_dim": ctx.spec.feature_dim,
                "input_size": ctx.spec.input_size},
         classes=list(split.classes), n_train=len(split.train), n_val=len(split.val), n_test=len(split.test),
-        left_out=getattr(split, "left_out", 0), split_sha256=split.sha256,
+        left_out=getattr(split, "left_out", 0), split_sha256=split.sha256, warnings=class_warnings(split),
         trainable_params=trainable, total_params=total, metrics=metrics, stages=stages,
         timing={"train_seconds": round(sum(s["train_seconds"] for s in stages), 3),
                 "train_steps": sum(s["steps_run"] for s in stages),

@@ -23,9 +23,15 @@ def cache_root() -> Path:
     return Path(base) / "features"
 
 
-def cache_key(spec, backbone: str | None, samples: Sequence[tuple[str, int]]) -> str:
-    """Hash of everything that determines the features of these images."""
+def cache_key(spec, backbone: str | None, samples: Sequence[tuple[str, int]], precision: str = "fp32") -> str:
+    """Hash of everything that determines the features of these images, including the precision they
+    were computed in and the versions of the libraries that compute them."""
+    from utils.results import package_versions
+
+    versions = package_versions()
     payload = {
+        "precision": precision,
+        "libraries": {name: versions.get(name) for name in ("torch", "open_clip_torch", "timm", "transformers")},
         "model": spec.key,
         "backbone": backbone,
         "weights": file_identity(spec.weights),
@@ -46,7 +52,7 @@ def extract_features(
     desc: str = "features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, D) float32 features and (N,) labels, from the cache when present."""
-    path = cache_root() / f"{cache_key(spec, backbone, samples)}.safetensors"
+    path = cache_root() / f"{cache_key(spec, backbone, samples, precision)}.safetensors"
     if path.is_file():
         tensors = load_file(path)
         return tensors["features"], tensors["labels"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -10,6 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from common.io import write_json_atomic
 from common.seeding import seed_worker
 
 # Sets below this many bytes are decoded once and kept in memory for the whole run.
@@ -140,3 +144,44 @@ class _BatchByIndex(Dataset):
         images = torch.stack([im for im, _, _ in items])
         labels = torch.tensor([label for _, label, _ in items], dtype=torch.int64)
         return images, labels, [error for _, _, error in items]
+
+
+def _stamp(path: str) -> str:
+    st = os.stat(path)
+    return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def check_decodable(paths: Sequence[str], cache_file: Path | None = None) -> None:
+    """Decode every image once before a run builds its model; DatasetError listing all bad files at once.
+
+    Files already seen to decode (same path, size and modification time) are remembered in
+    `cache_file`, so a second run over the same data checks nothing again.
+    """
+    from datasets import DatasetError, load_image
+
+    known: set[str] = set()
+    if cache_file is not None and cache_file.is_file():
+        try:
+            known = set(json.loads(cache_file.read_text()))
+        except (OSError, ValueError):
+            known = set()
+    todo = [p for p in dict.fromkeys(paths) if _stamp_or_none(p) not in known]
+    bad, good = [], []
+    for path in tqdm(todo, desc="check images", unit="image", leave=False, disable=not todo):
+        try:
+            load_image(path)
+            good.append(_stamp(path))
+        except DatasetError as exc:
+            bad.append(f"{path} ({str(exc).split('(')[-1].rstrip(')').split(';')[0]})")
+    if cache_file is not None and good:
+        write_json_atomic(cache_file, sorted(known | set(good)))
+    if bad:
+        shown = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise DatasetError(f"{len(bad)} image(s) cannot be read: {shown}. Replace or remove them, then rerun")
+
+
+def _stamp_or_none(path: str) -> str | None:
+    try:
+        return _stamp(path)
+    except OSError:
+        return None

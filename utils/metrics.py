@@ -98,6 +98,7 @@ def compute_metrics(probs: np.ndarray, y_true: np.ndarray, class_names: list[str
         "n": int(len(y_true)),
         "accuracy": float((y_pred == y_true).mean()),
         "balanced_accuracy": float(np.nanmean(recall)),
+        "balanced_accuracy_over": [name for name, r in zip(class_names, recall, strict=True) if not np.isnan(r)],
         "macro_f1": macro_f1(cm),
         "auroc": macro_auroc(probs, y_true, num_classes),
         "ece": expected_calibration_error(probs, y_true),

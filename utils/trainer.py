@@ -83,14 +83,17 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**63 - 1)
 
 
-def batch_indices(n: int, batch_size: int, seed: int, start_step: int) -> Iterator[list[int]]:
-    """Endless shuffled batches; epoch e is a permutation seeded by (seed, e).
+def steps_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> int:
+    """Batches in one epoch: the last partial batch is kept, as the original code's loaders do, unless
+    `drop_last` (which still keeps one batch when the set is smaller than a batch)."""
+    return max(n // batch_size, 1) if drop_last else max(-(-n // batch_size), 1)
 
-    As the paper's loaders, the last incomplete batch of an epoch is dropped when the set
-    holds at least one full batch.
-    """
-    drop_last = n >= batch_size
-    per_epoch = n // batch_size if drop_last else 1
+
+def batch_indices(n: int, batch_size: int, seed: int, start_step: int, drop_last: bool = False
+                  ) -> Iterator[list[int]]:
+    """Endless shuffled batches; epoch e is a permutation seeded by (seed, e), cut into steps_per_epoch
+    batches (the last one partial unless `drop_last`)."""
+    per_epoch = steps_per_epoch(n, batch_size, drop_last)
     epoch, offset = divmod(start_step, per_epoch)
     while True:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(seed, -1 - epoch)))
