@@ -123,15 +123,15 @@ def test_paired_csv_compares_lora_with_linear_and_pretrained_with_random(tmp_pat
     rows = read_csv(tmp_path / "report" / "paired.csv")
     lora = next(r for r in rows if r["comparison"] == "lora - linear" and "random" not in r["b"])
     assert lora["a"].startswith("tiny_clip lora") and lora["b"] == "tiny_clip linear"
-    assert int(lora["n_pairs"]) == 5 and lora["seeds"] == "1;2;3;4;5"
-    assert float(lora["diff_mean"]) == pytest.approx(0.10)
+    assert int(lora["n_seeds"]) == 5 and lora["seeds"] == "1;2;3;4;5"
+    assert float(lora["mean_diff"]) == pytest.approx(0.10)
     # the headline is the paired t-interval: 0.10 +- t(0.975, 4) * sd / sqrt(5)
     half = T_975_DF4 * stats.std([g - 0.10 for g in gains]) / math.sqrt(5)
-    assert float(lora["t_ci_low"]) == pytest.approx(0.10 - half)
-    assert float(lora["t_ci_high"]) == pytest.approx(0.10 + half)
+    assert float(lora["t_low"]) == pytest.approx(0.10 - half)
+    assert float(lora["t_high"]) == pytest.approx(0.10 + half)
     weights = next(r for r in rows if r["comparison"] == "pretrained - random")
     assert (weights["a"], weights["b"]) == ("tiny_clip linear", "tiny_clip-random linear")
-    assert float(weights["diff_mean"]) == pytest.approx(0.2)
+    assert float(weights["mean_diff"]) == pytest.approx(0.2)
     # LoRA (pretrained) vs linear (random) differs in two factors at once: not compared.
     assert len(rows) == 2
 
@@ -250,7 +250,7 @@ def test_every_method_is_compared_with_the_chosen_baseline_and_tabled_side_by_si
     assert sorted(r["comparison"] for r in rows) == ["knn - linear", "lora - linear"]
     assert (tmp_path / "report" / "reliability_demo_K_4.png").is_file()
     knn = next(r for r in rows if r["comparison"] == "knn - linear")
-    assert float(knn["diff_mean"]) == pytest.approx(0.07)
+    assert float(knn["mean_diff"]) == pytest.approx(0.07)
     md = (tmp_path / "report" / "report.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| | "))
     assert header.count("tiny_clip") == 3 and "knn-k20" in header and "lora-qv" in header
@@ -259,3 +259,24 @@ def test_every_method_is_compared_with_the_chosen_baseline_and_tabled_side_by_si
     build_report(tmp_path, out=tmp_path / "other", n_resamples=200, plots=False, baseline="knn")
     rows = read_csv(tmp_path / "other" / "paired.csv")
     assert sorted(r["comparison"] for r in rows) == ["linear - knn", "lora - knn"]
+
+
+def test_case_level_interval_from_predictions(tmp_path):
+    """With predictions.csv, paired.csv adds the two-level bootstrap over seeds and the same test images."""
+    rng = __import__("numpy").random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    for seed in (1, 2, 3):
+        for method, flip in (("linear", 0.3), ("lora", 0.2)):
+            folder = write_run(tmp_path, seed, 0.6, method=method, shots=4)
+            wrong = rng.random(200) < flip
+            preds = [int(y) ^ int(w) for y, w in zip(labels, wrong, strict=True)]
+            lines = ["split,path,label,pred,p_neg,p_pos"] + [
+                f"test,img{i}.png,{y},{p},0.5,0.5" for i, (y, p) in enumerate(zip(labels, preds, strict=True))]
+            (folder / "predictions.csv").write_text("\n".join(lines) + "\n")
+    build_report(tmp_path, n_resamples=2000, plots=False)
+    (row,) = read_csv(tmp_path / "report" / "paired.csv")
+    assert row["comparison"] == "lora - linear" and row["n_cases"] == "200" and row["n_seeds"] == "3"
+    low, high = float(row["boot_low"]), float(row["boot_high"])
+    assert low < 0.1 < high and high - low < 0.25  # the true gap is 0.1: about 10 points of balanced accuracy
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "seeds + images 95% CI" in md

@@ -8,6 +8,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from utils.config import RunConfig, method_label, model_label
 from utils.report.load import (
     CONTEXT_FIELDS,
@@ -19,7 +21,8 @@ from utils.report.load import (
     _group_order,
     arm_label,
 )
-from utils.stats import paired_bootstrap, summarize
+from utils.results import PREDICTIONS_FILE
+from utils.stats import paired_bootstrap, summarize, two_level_paired_bootstrap
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece")
 
@@ -133,6 +136,35 @@ def _pair_values(a: Group, b: Group) -> tuple[list[int], list[float], list[float
     return seeds, va, vb, mismatched
 
 
+def _test_predictions(run: Run) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+    """(paths, labels, predictions) of a run's test images from its predictions.csv, sorted by path."""
+    path = run.path.parent / PREDICTIONS_FILE
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = sorted((r["path"], int(r["label"]), int(r["pred"])) for r in csv.DictReader(handle)
+                      if r.get("split") == "test")
+    if not rows:
+        return None
+    return [r[0] for r in rows], np.array([r[1] for r in rows]), np.array([r[2] for r in rows])
+
+
+def case_bootstrap(a: Group, b: Group, seeds: Sequence[int], n_resamples: int, seed: int):
+    """The two-level (seeds, then test images) paired bootstrap of test balanced accuracy, from the runs'
+    predictions.csv; None when a run has none or the two arms were not scored on the same images."""
+    runs_a, runs_b = {r.seed: r for r in a.runs}, {r.seed: r for r in b.runs}
+    preds_a, preds_b, labels = [], [], []
+    for s in seeds:
+        pa, pb = _test_predictions(runs_a[s]), _test_predictions(runs_b[s])
+        if pa is None or pb is None or pa[0] != pb[0] or not np.array_equal(pa[1], pb[1]):
+            return None
+        preds_a.append(pa[2])
+        preds_b.append(pb[2])
+        labels.append(pa[1])
+    return two_level_paired_bootstrap(preds_a, preds_b, n_resamples=n_resamples, seed=seed,
+                                      metric="balanced_accuracy", labels=labels)
+
+
 def paired_rows(groups: Sequence[Group], varying: Sequence[str], n_resamples: int = 10_000,
                 seed: int = 0, baseline: str = "linear") -> list[dict]:
     """Arms on the same data (dataset, level, shots or percentage) and seeds, compared two by two.
@@ -140,8 +172,10 @@ def paired_rows(groups: Sequence[Group], varying: Sequence[str], n_resamples: in
     Only pairs that differ in one factor are compared: every method against the baseline method
     (or two settings of one method), one model against another, or pretrained against random
     weights; a pair differing in several at once would confound them. The headline interval is
-    the paired t-interval over seeds; the seed-only bootstrap interval is kept in the CSV for
-    reference and is not valid below about 10 seeds (at 3 seeds it is close to [min, max]).
+    the paired t-interval over seeds (t_low, t_high). boot_low and boot_high come from the
+    two-level bootstrap (seeds, then the same test images for both arms; needs predictions.csv),
+    which adds the uncertainty of the finite test set. The seed-only bootstrap (seed_boot_*) is
+    kept for reference only: it is not valid below about 10 seeds (at 3 it is close to [min, max]).
     """
     by_context: dict[tuple, list[Group]] = defaultdict(list)
     for group in groups:
@@ -156,15 +190,19 @@ def paired_rows(groups: Sequence[Group], varying: Sequence[str], n_resamples: in
                 if kind is None or not seeds:
                     continue
                 d = paired_bootstrap(va, vb, n_resamples=n_resamples, seed=seed)
+                cases = case_bootstrap(a, b, seeds, n_resamples, seed)
                 rows.append({
                     "dataset": context[4] or context[0], "level": context[1], "shots": context[2],
                     "percentage": context[3],
                     "comparison": kind, "a": arm_label(a, varying), "b": arm_label(b, varying),
                     "lr_a": a.config.lr, "lr_b": b.config.lr, "metric": "test_balanced_accuracy",
-                    "n_pairs": d.n, "seeds": ";".join(map(str, seeds)),
-                    "a_mean": summarize(va).mean, "b_mean": summarize(vb).mean, "diff_mean": d.mean,
-                    "t_ci_low": d.t_low, "t_ci_high": d.t_high,
-                    "seed_boot_ci_low": d.boot_low, "seed_boot_ci_high": d.boot_high,
+                    "n_seeds": d.n, "seeds": ";".join(map(str, seeds)),
+                    "a_mean": summarize(va).mean, "b_mean": summarize(vb).mean, "mean_diff": d.mean,
+                    "t_low": d.t_low, "t_high": d.t_high,
+                    "boot_low": cases.boot_low if cases else math.nan,
+                    "boot_high": cases.boot_high if cases else math.nan,
+                    "n_cases": cases.n_cases if cases else "",
+                    "seed_boot_low": d.boot_low, "seed_boot_high": d.boot_high,
                     "n_split_mismatch": mismatched,
                     "n_resamples": n_resamples,
                 })
@@ -353,14 +391,15 @@ def markdown_report(source: Path, runs: Sequence[Run], groups: Sequence[Group], 
                   ("Same data and seeds; 95% paired t-interval over seeds. With few seeds these intervals are "
                    "wide by necessity: they say how much the seed (the few-shot draw and the training "
                    "randomness) moves the difference."), "",
-                  "| Dataset | Data | Comparison | a | b | n | a − b | t 95% CI |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| Dataset | Data | Comparison | a | b | seeds | a − b | t 95% CI | seeds + images 95% CI |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for p in pairs:
             data = f"{p['percentage']:g}%" if p["percentage"] != "" else (
                 "all" if p["shots"] == -1 else f"K={p['shots']}")
             dataset = p["dataset"] + (f" ({p['level']})" if p["level"] else "")
-            lines.append(f"| {dataset} | {data} | {p['comparison']} | {p['a']} | {p['b']} | {p['n_pairs']} | "
-                         f"{_pp(p['diff_mean'])} | [{_pp(p['t_ci_low'])}, {_pp(p['t_ci_high'])}] |")
+            lines.append(f"| {dataset} | {data} | {p['comparison']} | {p['a']} | {p['b']} | {p['n_seeds']} | "
+                         f"{_pp(p['mean_diff'])} | [{_pp(p['t_low'])}, {_pp(p['t_high'])}] | "
+                         f"[{_pp(p['boot_low'])}, {_pp(p['boot_high'])}] |")
         lines.append("")
     if figures:
         lines += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
