@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from methods.heads import linear_head
-from methods.registry import Method, MethodError, Plan, Stage, register
+from methods.registry import HEAD_TASKS, Method, MethodError, Plan, Stage, register
 from methods.transductive import TransductiveSettings, add_transductive_stage, ti_suffix
 
 
@@ -44,6 +44,7 @@ def build(ctx, s: AdapterSettings) -> Plan:
 
 
 register(Method(
+    tasks=HEAD_TASKS,
     name="adapter", description="residual bottleneck MLP on frozen features + linear head",
     settings=AdapterSettings, inputs="features", build=build,
     source="CLIP-Adapter (Gao et al. 2021); feature adapters of few-shot medical studies",

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from methods.heads import ImageClassifier, linear_head
-from methods.registry import Method, Plan, Stage, register
+from methods.registry import HEAD_TASKS, Method, Plan, Stage, register
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ def build(ctx, s: BitFitSettings) -> Plan:
 
 
 register(Method(
+    tasks=HEAD_TASKS,
     name="bitfit", description="backbone biases + linear head, trained on images",
     settings=BitFitSettings, inputs="images", build=build,
     source="BitFit (Ben Zaken et al. 2022); PEFT comparisons on medical images",

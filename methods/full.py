@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from methods.heads import ImageClassifier, linear_head
-from methods.registry import Method, Plan, Stage, register
+from methods.registry import HEAD_TASKS, Method, Plan, Stage, register
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,7 @@ def build(ctx, s: FullSettings) -> Plan:
 
 
 register(Method(
+    tasks=HEAD_TASKS,
     name="full", description="every backbone parameter + linear head, trained on images",
     settings=FullSettings, inputs="images", build=build, lr=1e-5,
     source="the standard transfer-learning baseline of cross-domain studies",

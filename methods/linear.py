@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import torch
 
 from methods.heads import class_text_embeddings, linear_head
-from methods.registry import Method, Plan, Stage, register
+from methods.registry import HEAD_TASKS, Method, Plan, Stage, register
 from methods.transductive import TransductiveSettings, add_transductive_stage, ti_suffix
 
 
@@ -26,6 +26,7 @@ def build(ctx, s: LinearSettings) -> Plan:
 
 
 register(Method(
+    tasks=HEAD_TASKS,
     name="linear", description="linear head on frozen features (optionally text-initialised)",
     settings=LinearSettings, inputs="features", build=build,
     source="the cytology paper, experiment 1 (CLIP-LoRA's linear probe)",

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from lora import LoRASettings, apply_lora, save_lora
 from methods.heads import ImageClassifier, linear_head
-from methods.registry import Method, Plan, Stage, register
+from methods.registry import HEAD_TASKS, Method, Plan, Stage, register
 
 _D = LoRASettings()
 
@@ -52,6 +52,7 @@ def label(s: LoRAMethodSettings) -> str:
 
 
 register(Method(
+    tasks=HEAD_TASKS,
     name="lora", description="LoRA in the backbone + linear head, trained on images",
     settings=LoRAMethodSettings, inputs="images", build=build,
     source="the cytology paper, experiments 2 and 3 (CLIP-LoRA)", label=label,

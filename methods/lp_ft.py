@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 
 from methods.heads import ImageClassifier, linear_head
-from methods.registry import Method, MethodError, Plan, Stage, register
+from methods.registry import HEAD_TASKS, Method, MethodError, Plan, Stage, register
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ def build(ctx, s: LPFTSettings) -> Plan:
 
 
 register(Method(
+    tasks=HEAD_TASKS,
     name="lp_ft", description="stage 1: linear head on frozen features; stage 2: everything at lr x 0.1",
     settings=LPFTSettings, inputs="features", build=build,
     source="LP-FT (Kumar et al. 2022); cross-domain transfer studies",

@@ -17,6 +17,7 @@ from typing import Literal
 from common.errors import UserError
 
 Inputs = Literal["features", "images"]
+HEAD_TASKS = ("single_label", "multilabel")  # what a method that trains a classification head handles
 
 
 class MethodError(UserError):
@@ -64,7 +65,8 @@ class Method:
     validation in its ``__post_init__``); inputs: what the trained stages consume (the first
     stage for multi-stage methods); build(ctx, settings) -> Plan; trains: False for methods that
     only compute (zero-shot, nearest mean, kNN); lr: the method's own default learning rate,
-    used when --lr is not given; source: where the method comes from (README).
+    used when --lr is not given; source: where the method comes from (README); tasks: the
+    kinds of data it handles (a head trained with a per-task loss handles multi-label data too).
     """
 
     name: str
@@ -77,6 +79,7 @@ class Method:
     source: str = ""
     label: Callable[[object], str] | None = None
     paper_experiment: Callable[[object], int] | int = 0
+    tasks: tuple[str, ...] = ("single_label",)  # the data kinds it handles: single_label, multilabel
 
     @property
     def entry_point(self) -> str:

@@ -61,6 +61,8 @@ def add_transductive_stage(ctx, plan: Plan, s: TransductiveSettings) -> Plan:
     """Append the transductive stage to a feature-space plan when asked for; record its prior."""
     if s.transductive == "none":
         return plan
+    if ctx.split.task != "single_label":
+        raise MethodError("--transductive proportion is for single-label data (one class per image)")
     _, train_y = ctx.features("train")
     test_x, _ = ctx.features("test")  # the features only: test labels are never read here
     prior = class_prior(train_y, len(ctx.split.classes), s.ti_prior)

@@ -82,6 +82,14 @@ def test_presets_are_the_papers_commands_and_flags_override_them():
     assert c.level is None  # the preset's level_3 applies to HiCervix only
 
 
+@pytest.mark.parametrize("pct, rank", [("1", 4), ("10", 8), ("50", 32)])
+def test_medpeft_preset_picks_the_rank_by_percentage(pct, rank):
+    c = parse_config(["--preset", "medpeft", "--dataset", "demo", "--shots", "0", "--pourcentage", pct], "lora")
+    s = c.method_settings
+    assert (s["params"], s["alpha"], s["dropout_rate"], s["r"]) == (["q", "v"], 32.0, 0.1, rank)
+    assert parse_config(["--preset", "medpeft", "--dataset", "demo", "--r", "2"], "lora").method_settings["r"] == 2
+
+
 def test_simpleshot_equals_a_hand_computation(blobs, tmp_path):
     x, y = blobs
     plan = build("simpleshot", feature_ctx(x, y, "abc", tmp_path))
@@ -249,4 +257,53 @@ def test_zeroshot_needs_a_text_tower(folder_root, tmp_path):
     args = ["--method", "zeroshot", "--root_path", str(folder_root), "--dataset", "folder", "--shots", "2",
             "--output_dir", str(tmp_path), "--device", "cpu", "--num_workers", "0", "--model_name", "tiny_vit"]
     with pytest.raises(UserError, match="needs a text tower"):
+        main.main(args)
+
+
+@pytest.fixture(scope="session")
+def multilabel_root(tmp_path_factory):
+    """A csv multi-label dataset: colour channels as three 0/1 labels on small noisy images."""
+    import numpy as np
+
+    from tests.conftest import write_cell
+
+    root = tmp_path_factory.mktemp("multilabel")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("val", 8), ("test", 8)):
+        rows = ["path,red,green,blue"]
+        for i in range(n):
+            on = [(i >> k) & 1 for k in range(3)]
+            write_cell(root / split / f"{i}.png", tuple(200 * v + 20 for v in on), rng)
+            rows.append(f"{split}/{i}.png," + ",".join(map(str, on)))
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("name", ["linear", "lora"])
+def test_multilabel_data_trains_with_bce_and_reports_auroc(name, multilabel_root, tmp_path):
+    method = get_method(name)
+    args = ["--method", name, "--root_path", str(multilabel_root), "--dataset", "csv", "--shots", "-1",
+            "--n_iters", "3", "--warmup_steps", "1", "--lr", "0.01", "--pos_weight", "auto",
+            "--output_dir", str(tmp_path), *TINY]
+    assert _run(method.entry_point, args) == 0
+    r, folder = _result(tmp_path)
+    assert r["task"] == "multilabel" and r["headline"] == "macro_auroc" and r["classes"] == ["red", "green", "blue"]
+    test = r["metrics"]["test"]
+    assert {"macro_auroc", "mAP", "macro_f1", "exact_match", "labels"} <= set(test)
+    assert 0 <= test["macro_auroc"] <= 1 and len(r["thresholds"]) == 3
+    lines = (folder / "predictions.csv").read_text().splitlines()
+    assert lines[1].count(";") == 4  # three 0/1 labels and three 0/1 predictions
+    from utils.report import build_report
+
+    build_report(tmp_path, plots=False)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "test mean AUROC (%)" in md
+    summary = (tmp_path / "report" / "summary.csv").read_text()
+    assert "test_macro_auroc_mean" in summary and "test_mAP_mean" in summary
+
+
+def test_single_label_only_methods_refuse_multilabel_data(multilabel_root, tmp_path):
+    args = ["--method", "knn", "--root_path", str(multilabel_root), "--dataset", "csv", "--shots", "-1",
+            "--output_dir", str(tmp_path), *TINY]
+    with pytest.raises(UserError, match="knn handles single_label data, and this data is multilabel"):
         main.main(args)

@@ -109,8 +109,9 @@ def build_parser(default_method: str, prog: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("method")
     _add(g, "--method", choices=method_names(), help=f"adaptation method (default: {default_method}); "
          "python -m methods list describes them")
-    _add(g, "--preset", choices=tuple(PRESETS), help="the paper's command for experiment 1, 2 or 3 (flags "
-         "given explicitly override it)")
+    _add(g, "--preset", choices=tuple(PRESETS), help="exp1, exp2, exp3: the paper's command for that experiment; "
+         "medpeft: LoRA q v, alpha 32, dropout 0.1, rank 4/8/32 at <=1%%/<=10%%/more of the data (flags given "
+         "explicitly override a preset)")
     g = p.add_argument_group("data")
     _add(g, "--root_path", help="folder holding the datasets")
     _add(g, "--dataset", help="mlcc, bcfc, sipakmed, hicervix, folder, csv or demo", default_of="dataset")
@@ -137,6 +138,8 @@ def build_parser(default_method: str, prog: str) -> argparse.ArgumentParser:
     _add(g, "--n_iters", type=int, help="few-shot: n_iters x K steps; otherwise n_iters epochs; plus "
          "--warmup_steps", default_of="n_iters")
     _add(g, "--batch_size", type=int, default_of="batch_size")
+    _add(g, "--pos_weight", choices=("none", "auto"), help="multi-label data: auto weights each label's "
+         "positives by its negative/positive ratio in train (default: none)")
     _add(g, "--drop_last", type=_bool, help="True: drop each epoch's last partial batch (default: False, as the "
          "original code)")
     _add(g, "--warmup_steps", type=int, default_of="warmup_steps")
@@ -187,6 +190,9 @@ def parse_config(argv: Sequence[str] | None, default_method: str = "lora", prog:
     if not argv:
         values.update(_demo_overrides(method.inputs))
     values.update(given)
+    for key, value in preset.items():
+        if callable(value) and key not in given:
+            values[key] = value(values)
     if "model_name" in given and "backbone" not in given:
         values["backbone"] = None  # a preset's backbone belongs to the preset's model
     wrong = sorted(set(given) & (set(method_flags()) - _fields(method)))

@@ -39,6 +39,7 @@ class RunConfig:
     lr: float = 2e-4
     n_iters: int = 500
     batch_size: int = 32
+    pos_weight: str = "none"  # multi-label: "auto" weights each label's positives by negatives/positives
     drop_last: bool = False  # True drops each epoch's last partial batch (the original code keeps it)
     weight_decay: float = 1e-2
     warmup_steps: int = 50

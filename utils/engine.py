@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -40,6 +41,7 @@ from utils.trainer import (
 )
 
 WEIGHTS_FILE = "weights.safetensors"
+HEADLINE = {"single_label": "balanced_accuracy", "multilabel": "macro_auroc"}  # the metric runs are compared on
 DEMO_BANNER = (
     "SYNTHETIC DEMO: generated cell images and a small randomly initialised model, run offline. "
     "The numbers show that the pipeline learns; they are not a medical result."
@@ -235,7 +237,7 @@ def train(ctx: RunContext, plan: Plan, tracker) -> tuple[list[dict], int]:
         name = CHECKPOINT_FILE if len(plan.stages) == 1 else f"checkpoint-{stage.name}.pt"
         settings = _train_settings(ctx.config, ctx, stage)
         trainer = Trainer(stage.module, settings, ctx.out, fingerprint(ctx.config), checkpoint_name=name,
-                          extra_loss=stage.extra_loss)
+                          extra_loss=stage.extra_loss, loss_fn=task_loss(ctx))
         if trainer.try_resume():
             print(f"resuming {stage.name} from step {trainer.step} of {stage.steps}", file=sys.stderr)
         batches, prepare = _batches(ctx, stage)
@@ -247,6 +249,23 @@ def train(ctx: RunContext, plan: Plan, tracker) -> tuple[list[dict], int]:
                 touched[id(p)] = p.numel()
         records.append(_stage_record(stage, stats))
     return records, sum(touched.values())
+
+
+def task_loss(ctx: RunContext):
+    """Cross-entropy for single-label data; per-label binary cross-entropy for multi-label data, with
+    --pos_weight auto weighting each label's positives by its negative/positive ratio in train."""
+    if ctx.split.task != "multilabel":
+        return F.cross_entropy
+    pos_weight = None
+    if ctx.config.pos_weight == "auto":
+        targets = torch.tensor([label for _, label in ctx.split.train], dtype=torch.float32)
+        positives = targets.sum(0)
+        pos_weight = ((len(targets) - positives) / positives.clamp_min(1)).to(ctx.device)
+
+    def bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=pos_weight)
+
+    return bce
 
 
 def _stage_record(stage: Stage, stats: TrainStats) -> dict:
@@ -317,28 +336,43 @@ def predict(ctx: RunContext, plan: Plan, part: str) -> tuple[torch.Tensor, torch
 
 
 def evaluate(ctx: RunContext, plan: Plan) -> tuple[dict, list, dict]:
-    """Metrics of val and test, one prediction row per image, and temperature scaling fitted on val.
+    """Metrics of val and test, one prediction row per image, and what the task adds.
 
-    The reported metrics are those of the uncalibrated model; the calibration record adds test
-    ECE, NLL and Brier score before and after dividing the logits by the temperature (which
-    never changes a prediction).
+    Single-label: softmax metrics, the label tree's upper levels where the dataset has one,
+    and temperature scaling fitted on val (the reported metrics are the uncalibrated ones).
+    Multi-label: sigmoid metrics per label, with F1 also at thresholds chosen on val.
     """
-    metrics, rows, logits = {}, [], {}
-    for part in ("val", "test"):
-        samples = ctx.split.items(part)
-        if not samples:
-            continue
-        logits[part] = predict(ctx, plan, part)
-        probs, labels = logits[part][0].softmax(dim=1), logits[part][1]
+    logits = {part: predict(ctx, plan, part) for part in ("val", "test") if ctx.split.items(part)}
+    if ctx.split.task == "multilabel":
+        return _evaluate_multilabel(ctx, logits)
+    metrics, rows = {}, []
+    tree = _label_tree(ctx)
+    for part, (out, labels) in logits.items():
+        probs = out.softmax(dim=1)
         metrics[part] = compute_metrics(probs.numpy(), labels.numpy(), ctx.split.classes)
-        tree = _label_tree(ctx)
+        preds = probs.argmax(dim=1)
         if tree:
             metrics[part]["hierarchy"] = hierarchical_metrics(tree, list(ctx.split.classes), labels.numpy(),
-                                                              probs.argmax(dim=1).numpy())
-        preds = probs.argmax(dim=1).tolist()
-        for (path, label), pred, p in zip(samples, preds, probs.tolist(), strict=True):
+                                                              preds.numpy())
+        for (path, label), pred, p in zip(ctx.split.items(part), preds.tolist(), probs.tolist(), strict=True):
             rows.append((part, ctx.split.relative(path), label, pred, p))
     return metrics, rows, _calibration(ctx, logits)
+
+
+def _evaluate_multilabel(ctx: RunContext, logits: dict) -> tuple[dict, list, dict]:
+    from utils.metrics import choose_thresholds, multilabel_metrics
+
+    probs = {part: out.sigmoid().numpy() for part, (out, _) in logits.items()}
+    targets = {part: labels.numpy() for part, (_, labels) in logits.items()}
+    thresholds = choose_thresholds(probs["val"], targets["val"]) if "val" in probs else None
+    metrics, rows = {}, []
+    for part in logits:
+        metrics[part] = multilabel_metrics(probs[part], targets[part], list(ctx.split.classes), thresholds)
+        for (path, label), p in zip(ctx.split.items(part), probs[part].tolist(), strict=True):
+            pred = ";".join(str(int(v >= 0.5)) for v in p)
+            rows.append((part, ctx.split.relative(path), ";".join(map(str, label)), pred, p))
+    extra = {"thresholds": None if thresholds is None else [round(float(t), 6) for t in thresholds]}
+    return metrics, rows, extra
 
 
 def _label_tree(ctx: RunContext) -> dict | None:
@@ -373,6 +407,7 @@ def _record(ctx: RunContext, plan: Plan, metrics: dict, stages: list[dict], trai
                "input_size": ctx.spec.input_size},
         classes=list(split.classes), n_train=len(split.train), n_val=len(split.val), n_test=len(split.test),
         left_out=getattr(split, "left_out", 0), split_sha256=split.sha256, warnings=class_warnings(split),
+        task=split.task, headline=HEADLINE[split.task],
         trainable_params=trainable, total_params=total, metrics=metrics, stages=stages,
         timing={"train_seconds": round(sum(s["train_seconds"] for s in stages), 3),
                 "train_steps": sum(s["steps_run"] for s in stages),
@@ -393,13 +428,24 @@ def _mean_rate(stages: list[dict]) -> float:
     return round(images / seconds, 2) if seconds > 0 else 0.0
 
 
+SUMMARY = {"single_label": (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"),
+                            ("macro_f1", "macro-F1")),
+           "multilabel": (("macro_auroc", "mean AUROC"), ("mAP", "mAP"), ("macro_f1", "macro-F1 at 0.5"),
+                          ("exact_match", "exact match"))}
+
+
+def _text(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def summary(ctx: RunContext, metrics: dict, path: Path, stages: list[dict]) -> None:
     """A short human summary on stdout."""
+    shown = SUMMARY[ctx.split.task]
     for part in ("val", "test"):
         m = metrics.get(part)
         if m:
-            print(f"{part:>4}: accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}  "
-                  f"macro-F1 {m['macro_f1']:.4f}  (n={m['n']})")
+            values = "  ".join(f"{name} {_text(m.get(key))}" for key, name in shown)
+            print(f"{part:>4}: {values}  (n={m['n']})")
     for s in stages:
         if s["steps_run"]:
             print(f"train {s['name']}: {s['steps_run']} steps in {s['train_seconds']:.1f} s "
@@ -419,6 +465,7 @@ def run(config: RunConfig) -> int:
     ctx = prepare_context(config)
     if ctx is None:
         return 0
+    check_task(method, ctx)
     plan = method.build(ctx, method.resolve(config.method_settings))
     plan.model.to(ctx.device)
     if config.eval_only:
@@ -455,6 +502,12 @@ def _eval_only(ctx: RunContext, plan: Plan) -> int:
                                           eval_seconds=round(time.perf_counter() - t0, 3), **calibration))
     summary(ctx, metrics, path, [])
     return 0
+
+
+def check_task(method, ctx: RunContext) -> None:
+    if ctx.split.task not in method.tasks:
+        raise UserError(f"--method {method.name} handles {' and '.join(method.tasks)} data, and this data is "
+                        f"{ctx.split.task}: choose a method that trains a head (linear, lora, adapter, ...)")
 
 
 def open_run(folder: str | Path, args: list[str] | tuple[str, ...] = ()) -> tuple[RunContext, Plan]:

@@ -45,9 +45,9 @@ class ResizedImages(Dataset):
 
         path, label = self.samples[index]
         try:
-            return decode_resized(path, self.size), label, ""
+            return decode_resized(path, self.size), torch.as_tensor(label), ""
         except DatasetError as exc:
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), label, str(exc)
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), torch.as_tensor(label), str(exc)
 
 
 def _raise_errors(errors) -> None:
@@ -98,7 +98,7 @@ def iterate_batches(
     loader = _loader(dataset, batch_size=batch_size, num_workers=num_workers)
     for images, labels, errors in loader:
         _raise_errors(errors)
-        yield images, torch.as_tensor(labels, dtype=torch.int64)
+        yield images, torch.as_tensor(labels).long()
 
 
 class IndexedBatches:
@@ -142,7 +142,7 @@ class _BatchByIndex(Dataset):
     def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         items = [self.base[i] for i in indices]
         images = torch.stack([im for im, _, _ in items])
-        labels = torch.tensor([label for _, label, _ in items], dtype=torch.int64)
+        labels = torch.stack([label for _, label, _ in items]).long()
         return images, labels, [error for _, _, error in items]
 
 

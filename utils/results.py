@@ -91,10 +91,11 @@ def validate(data: object) -> str | None:
             return f"has no {key!r} field"
     if not isinstance(data["config"], dict) or "seed" not in data["config"]:
         return "has no config with a seed"
+    headline = data.get("headline", "balanced_accuracy")
     for split in ("val", "test"):
         metrics = data["metrics"].get(split) if isinstance(data["metrics"], dict) else None
-        if not isinstance(metrics, dict) or not isinstance(metrics.get("balanced_accuracy"), (int, float)):
-            return f"has no metrics.{split}.balanced_accuracy"
+        if not isinstance(metrics, dict) or not isinstance(metrics.get(headline), (int, float)):
+            return f"has no metrics.{split}.{headline}"
     return None
 
 

@@ -142,8 +142,10 @@ class Trainer:
     """Runs the optimisation of the trainable parameters of one module."""
 
     def __init__(self, module: nn.Module, settings: TrainSettings, run_dir: Path | None, fingerprint: str,
-                 checkpoint_name: str = CHECKPOINT_FILE, extra_loss: Callable[[nn.Module], torch.Tensor] | None = None):
+                 checkpoint_name: str = CHECKPOINT_FILE, extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy):
         self.module = module
+        self.loss_fn = loss_fn
         self.extra_loss = extra_loss
         self.checkpoint_name = checkpoint_name
         self.s = settings
@@ -259,7 +261,7 @@ class Trainer:
         labels = labels.to(s.device, non_blocking=True)
         with autocast(s.device, s.precision):
             logits = self.module(inputs)
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = self.loss_fn(logits.float(), labels)
         if self.extra_loss is not None:
             loss = loss + self.extra_loss(self.module)
         if not torch.isfinite(loss):

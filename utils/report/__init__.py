@@ -55,7 +55,7 @@ def build_report(output_dir: str | Path, out: str | Path | None = None, confusio
         for g in chosen:
             row = summary_row(g, varying)
             row["lr_candidates"] = ";".join(map(repr, candidates[id(g)]))
-            row["lr_selected_by"] = "mean val balanced_accuracy"
+            row["lr_selected_by"] = f"mean val {g.headline}"
             rows.append(row)
         written.append(write_csv(out_dir / "summary_lr_selected.csv", rows))
     pairs = paired_rows(chosen, varying, n_resamples, seed, baseline)

@@ -14,6 +14,8 @@ from utils import results as res
 from utils.config import DERIVED_FIELDS, RUNTIME_FIELDS, RunConfig, method_label, model_label
 
 RESULTS_FILE = res.RESULTS_FILE
+HEADLINE = "headline"  # pseudo-metric: each run's own headline (balanced accuracy, or mean AUROC)
+HEADLINE_NAMES = {"balanced_accuracy": "balanced accuracy", "macro_auroc": "mean AUROC"}
 # What two arms must share to be paired: the same data (the first is the one shown).
 CONTEXT_FIELDS = ("dataset", "level", "shots", "percentage", "dataset_name", "root_path", "level_fallback",
                   "protocol", "label_map")
@@ -44,9 +46,15 @@ class Run:
     def schema(self) -> object:
         return self.data.get("schema_version")
 
+    @property
+    def headline(self) -> str:
+        """The metric this run is compared on: balanced accuracy, or mean AUROC for multi-label data."""
+        return self.data.get("headline", "balanced_accuracy")
+
     def metric(self, split: str, name: str) -> float:
-        value = self.data["metrics"][split].get(name)
-        return math.nan if value is None else float(value)
+        """A metric of one split; HEADLINE stands for the run's headline metric."""
+        value = self.data["metrics"][split].get(self.headline if name == HEADLINE else name)
+        return math.nan if not isinstance(value, (int, float)) else float(value)
 
 
 @dataclass
@@ -62,6 +70,11 @@ class Group:
 
     def values(self, split: str, name: str) -> list[float]:
         return [run.metric(split, name) for run in self.runs]
+
+    @property
+    def headline(self) -> str:
+        """The display name of the metric this setting is compared on."""
+        return HEADLINE_NAMES.get(self.runs[0].headline, self.runs[0].headline)
 
 
 # ---------------------------------------------------------------- reading

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from utils.config import RunConfig, data_label, method_label, model_label
-from utils.report.load import RESULTS_FILE, Group, ReportError, _read_one, arm_label
+from utils.report.load import HEADLINE, RESULTS_FILE, Group, ReportError, _read_one, arm_label
 from utils.report.tables import _arm_rank, _column_label, _column_order, _dataset_name
 from utils.stats import Summary, summarize
 
@@ -45,7 +45,7 @@ def _curve_points(members: Sequence[Group], varying: Sequence[str],
         if is_pct != percentage or (not percentage and c.shots < 1):
             continue  # "all images" (-1) has no place on a log axis of K
         x = float(c.percentage) if percentage else float(c.shots)
-        curves[arm_label(g, varying)].append((x, summarize(g.values("test", "balanced_accuracy"))))
+        curves[arm_label(g, varying)].append((x, summarize(g.values("test", HEADLINE))))
     return {k: sorted(v, key=lambda p: p[0]) for k, v in curves.items()}
 
 
@@ -78,7 +78,7 @@ def plot_curves(groups: Sequence[Group], varying: Sequence[str], out: Path) -> l
             ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
             ax.minorticks_off()  # only the measured shots/percentages are labelled
             ax.set_xlabel(axis)
-            ax.set_ylabel("test balanced accuracy")
+            ax.set_ylabel(f"test {members[0].headline}")
             ax.set_title(f"{dataset}: mean and 95% CI over seeds")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
@@ -108,7 +108,7 @@ def plot_methods(groups: Sequence[Group], varying: Sequence[str], out: Path) -> 
                          None)
                 if g is None:
                     continue
-                s = summarize(g.values("test", "balanced_accuracy"))
+                s = summarize(g.values("test", HEADLINE))
                 xs.append(i + (j - (len(arms) - 1) / 2) * width)
                 means.append(s.mean)
                 errs[0].append(0 if math.isnan(s.ci_low) else s.mean - s.ci_low)
@@ -117,7 +117,7 @@ def plot_methods(groups: Sequence[Group], varying: Sequence[str], out: Path) -> 
                    edgecolor="black", alpha=0.8)
         ax.set_xticks(range(len(slots)), [slot for slot, _ in slots], fontsize=8)
         ax.set_ylim(0, 1)
-        ax.set_ylabel("test balanced accuracy")
+        ax.set_ylabel(f"test {members[0].headline}")
         ax.set_title(f"{dataset}: methods compared (mean, 95% t-interval over seeds)")
         ax.legend(fontsize=7)
         written.append(_save(fig, out / f"methods_{_safe(dataset)}.png"))

@@ -13,6 +13,7 @@ import numpy as np
 from utils.config import RunConfig, method_label, model_label
 from utils.report.load import (
     CONTEXT_FIELDS,
+    HEADLINE,
     MODEL_FIELDS,
     Group,
     Run,
@@ -24,7 +25,8 @@ from utils.report.load import (
 from utils.results import PREDICTIONS_FILE
 from utils.stats import paired_bootstrap, summarize, two_level_paired_bootstrap
 
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece")
+METRICS = {"balanced_accuracy": ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece"),
+           "macro_auroc": ("macro_auroc", "mAP", "macro_f1", "exact_match")}  # per headline metric
 
 
 def summary_row(group: Group, varying: Sequence[str]) -> dict:
@@ -40,14 +42,15 @@ def summary_row(group: Group, varying: Sequence[str]) -> dict:
     row["schema_version"] = _display(group.key.get("schema_version"))
     row["n_seeds"] = len(group.runs)
     row["seeds"] = ";".join(str(r.seed) for r in group.runs)
-    for name in METRICS:
+    for name in METRICS.get(group.runs[0].headline, METRICS["balanced_accuracy"]):
         values = group.values("test", name)
         s = summarize(values)
         row.update({f"test_{name}_mean": s.mean, f"test_{name}_std": s.std, f"test_{name}_ci_low": s.ci_low,
                     f"test_{name}_ci_high": s.ci_high, f"test_{name}_values": ";".join(map(_num, values))})
-    val = group.values("val", "balanced_accuracy")
-    row["val_balanced_accuracy_mean"] = summarize(val).mean
-    row["val_balanced_accuracy_values"] = ";".join(map(_num, val))
+    val = group.values("val", HEADLINE)
+    row["headline"] = group.runs[0].headline
+    row["val_headline_mean"] = summarize(val).mean
+    row["val_headline_values"] = ";".join(map(_num, val))
     return row
 
 
@@ -63,7 +66,7 @@ def _without(key: dict, names: Sequence[str]) -> str:
 
 
 def select_lr(groups: Sequence[Group]) -> tuple[list[Group], dict[int, list[float]]]:
-    """Per setting, the lr with the best mean VALIDATION balanced accuracy (ties: the smaller lr).
+    """Per setting, the lr with the best mean VALIDATION headline metric (ties: the smaller lr).
 
     Returns the chosen groups and, by id of each chosen group, the candidate lrs it was chosen from.
     """
@@ -74,7 +77,7 @@ def select_lr(groups: Sequence[Group]) -> tuple[list[Group], dict[int, list[floa
     for options in by_setting.values():
 
         def score(g: Group) -> tuple[float, float]:
-            val = summarize(g.values("val", "balanced_accuracy")).mean
+            val = summarize(g.values("val", HEADLINE)).mean
             return (-math.inf if math.isnan(val) else val, -g.config.lr)
 
         best = max(options, key=score)
@@ -131,8 +134,8 @@ def _pair_values(a: Group, b: Group) -> tuple[list[int], list[float], list[float
             mismatched += 1  # same seed but different data: not a pair
             continue
         seeds.append(run.seed)
-        va.append(run.metric("test", "balanced_accuracy"))
-        vb.append(other.metric("test", "balanced_accuracy"))
+        va.append(run.metric("test", HEADLINE))
+        vb.append(other.metric("test", HEADLINE))
     return seeds, va, vb, mismatched
 
 
@@ -154,6 +157,8 @@ def case_bootstrap(a: Group, b: Group, seeds: Sequence[int], n_resamples: int, s
     predictions.csv; None when a run has none or the two arms were not scored on the same images."""
     runs_a, runs_b = {r.seed: r for r in a.runs}, {r.seed: r for r in b.runs}
     preds_a, preds_b, labels = [], [], []
+    if runs_a[seeds[0]].headline != "balanced_accuracy":
+        return None  # the case bootstrap recomputes balanced accuracy from single-label predictions
     for s in seeds:
         pa, pb = _test_predictions(runs_a[s]), _test_predictions(runs_b[s])
         if pa is None or pb is None or pa[0] != pb[0] or not np.array_equal(pa[1], pb[1]):
@@ -195,7 +200,7 @@ def paired_rows(groups: Sequence[Group], varying: Sequence[str], n_resamples: in
                     "dataset": context[4] or context[0], "level": context[1], "shots": context[2],
                     "percentage": context[3],
                     "comparison": kind, "a": arm_label(a, varying), "b": arm_label(b, varying),
-                    "lr_a": a.config.lr, "lr_b": b.config.lr, "metric": "test_balanced_accuracy",
+                    "lr_a": a.config.lr, "lr_b": b.config.lr, "metric": f"test {a.headline}",
                     "n_seeds": d.n, "seeds": ";".join(map(str, seeds)),
                     "a_mean": summarize(va).mean, "b_mean": summarize(vb).mean, "mean_diff": d.mean,
                     "t_low": d.t_low, "t_high": d.t_high,
@@ -296,7 +301,7 @@ def method_tables(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
         members = sorted(members, key=_arm_rank)
         labels = [arm_label(g, varying) for g in members]
         lines += [f"### {dataset}, {data}", "", "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-        rows = {"test balanced accuracy (%)": [_interval(g) for g in members],
+        rows = {f"test {members[0].headline} (%)": [_interval(g) for g in members],
                 "trainable parameters": [_int_text(_mean_of(g, "trainable_params")) for g in members],
                 "train seconds (mean)": [_float_text(_mean_of(g, ("timing", "train_seconds"))) for g in members],
                 "seeds": [str(len(g.runs)) for g in members]}
@@ -330,7 +335,7 @@ def _pct(values) -> str:
 
 
 def _interval(g: Group) -> str:
-    s = summarize(g.values("test", "balanced_accuracy"))
+    s = summarize(g.values("test", HEADLINE))
     if math.isnan(s.mean):
         return "–"
     if math.isnan(s.ci_low):
@@ -378,7 +383,8 @@ def markdown_report(source: Path, runs: Sequence[Run], groups: Sequence[Group], 
     lines += ["## Methods side by side (test)", "",
               "Balanced accuracy: mean [95% t-interval over seeds]; trainable parameters are those that "
               "received a gradient.", ""] + method_tables(chosen, varying)
-    for metric, title in (("balanced_accuracy", "Balanced accuracy"), ("accuracy", "Accuracy")):
+    for metric, title in ((HEADLINE, "Headline metric (balanced accuracy; mean AUROC for multi-label data)"),
+                          ("accuracy", "Accuracy")):
         lines += [f"## {title} (test)", ""] + markdown_tables(chosen, varying, metric)
     calibration = calibration_tables(chosen, varying)
     if calibration:
@@ -387,7 +393,7 @@ def markdown_report(source: Path, runs: Sequence[Run], groups: Sequence[Group], 
                   "so accuracies are the same before and after. Mean over seeds; a seed whose validation "
                   "set has fewer than 2 images of some class is not fitted.", ""] + calibration
     if pairs:
-        lines += ["## Paired comparisons (test balanced accuracy, a − b, percentage points)", "",
+        lines += ["## Paired comparisons (test headline metric, a − b, percentage points)", "",
                   ("Same data and seeds; 95% paired t-interval over seeds. With few seeds these intervals are "
                    "wide by necessity: they say how much the seed (the few-shot draw and the training "
                    "randomness) moves the difference."), "",
