@@ -152,6 +152,8 @@ def build_parser(default_method: str, prog: str) -> argparse.ArgumentParser:
     _add(g, "--precision", choices=["auto", "fp32", "bf16", "fp16"], default_of="precision")
     _add(g, "--num_workers", type=int, default_of="num_workers")
     _add(g, "--wandb", action="store_const", const=True, help="log to Weights & Biases (offline without a login)")
+    _add(g, "--wandb_project", help="wandb project (default: $WANDB_PROJECT, else cytology-lora)")
+    _add(g, "--wandb_entity", help="wandb entity (default: $WANDB_ENTITY, else your default entity)")
     _add(g, "--overwrite", action="store_const", const=True, help="replace a finished run in the same folder")
     _add(g, "--eval_only", action="store_const", const=True, help="evaluate a finished run's saved weights "
          "(needs --run)")

@@ -50,6 +50,8 @@ class RunConfig:
     precision: str = "auto"
     num_workers: int = 2
     wandb: bool = False
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
     eval_only: bool = False
     run: str | None = None
     overwrite: bool = False
@@ -67,7 +69,8 @@ class RunConfig:
 
 # Settings that say where or how a run executes, not what it computes: a checkpoint resumes
 # across them, and the report groups runs without them.
-RUNTIME_FIELDS = frozenset({"output_dir", "device", "num_workers", "wandb", "overwrite", "eval_only", "run",
+RUNTIME_FIELDS = frozenset({"output_dir", "device", "num_workers", "wandb", "wandb_project", "wandb_entity",
+                            "overwrite", "eval_only", "run",
                             "checkpoint_every", "demo"})
 # Recorded, but derived from the others: two runs that differ only here compute the same thing.
 DERIVED_FIELDS = frozenset({"preset", "experiment"})

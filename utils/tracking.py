@@ -13,6 +13,30 @@ class Tracker:
     def __init__(self, run=None):
         self.run = run
 
+    def results(self, record: dict) -> None:
+        """The end of a run: val/test metrics in the summary, the test confusion matrix and per-class recall
+        as tables."""
+        if self.run is None:
+            return
+        import wandb
+
+        classes = record.get("classes", [])
+        for part, metrics in record.get("metrics", {}).items():
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.run.summary[f"{part}/{key}"] = value
+        test = record.get("metrics", {}).get("test", {})
+        tables = {}
+        if test.get("confusion_matrix"):
+            rows = [[t, p, n] for t, row in zip(classes, test["confusion_matrix"], strict=False)
+                    for p, n in zip(classes, row, strict=False)]
+            tables["test/confusion_matrix"] = wandb.Table(columns=["true", "predicted", "count"], data=rows)
+        if test.get("per_class_recall"):
+            rows = [[name, value] for name, value in test["per_class_recall"].items()]
+            tables["test/per_class_recall"] = wandb.Table(columns=["class", "recall"], data=rows)
+        if tables:
+            self.run.log(tables)
+
     def log(self, values: dict, step: int | None = None) -> None:
         if self.run is not None:
             self.run.log(values, step=step)
@@ -41,8 +65,25 @@ def _mode() -> str:
     return "offline"
 
 
-def start_tracking(enabled: bool, config: dict, run_dir: Path, name: str) -> Tracker:
-    """A wandb run when --wandb or WANDB_MODE asks for one, else a silent tracker."""
+def identity(config: dict) -> dict:
+    """A readable name, a group that every seed of a setting shares (so that seeds aggregate in the wandb
+    UI), and tags, from a run's resolved config."""
+    from utils.config import RunConfig, data_label, method_label, model_label
+
+    c = RunConfig.from_dict(config)
+    dataset = c.dataset_name or c.dataset
+    setting = f"{dataset}/{model_label(c)}/{method_label(c)}/{data_label(c)}/lr{c.lr:g}"
+    tags = [f"exp{c.experiment}" if c.experiment else "no-paper-experiment", dataset, model_label(c), c.method,
+            data_label(c)]
+    return {"name": f"{setting}/seed{c.seed}", "group": setting, "tags": tags}
+
+
+def start_tracking(enabled: bool, config: dict, run_dir: Path, name: str | None = None) -> Tracker:
+    """A wandb run when --wandb or WANDB_MODE asks for one, else a silent tracker.
+
+    The project and entity come from --wandb_project / --wandb_entity, else WANDB_PROJECT /
+    WANDB_ENTITY, else the project 'cytology-lora' of the default entity.
+    """
     if not enabled and "WANDB_MODE" not in os.environ:
         return Tracker()
     mode = _mode()
@@ -52,9 +93,13 @@ def start_tracking(enabled: bool, config: dict, run_dir: Path, name: str) -> Tra
     try:
         import wandb
 
+        who = identity(config)
         run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", "cytology-lora"),
-            name=name,
+            project=config.get("wandb_project") or os.environ.get("WANDB_PROJECT", "cytology-lora"),
+            entity=config.get("wandb_entity") or os.environ.get("WANDB_ENTITY") or None,
+            name=who["name"],
+            group=who["group"],
+            tags=who["tags"],
             config=config,
             dir=str(run_dir),
             mode=mode,
