@@ -35,3 +35,18 @@ def test_an_offline_run_carries_name_group_tags_config_and_result_tables(tmp_pat
     (table,) = (tmp_path / "run").rglob("confusion_matrix*.table.json")
     data = json.loads(table.read_text())
     assert data["columns"] == ["true", "predicted", "count"] and ["a", "b", 1] in data["data"]
+
+
+def test_report_uploads_its_tables_and_plots_to_one_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from tests.test_report import write_run
+    from utils.report import main
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for seed in (1, 2):
+        write_run(tmp_path, seed, 0.5 + 0.1 * seed, method="linear", shots=4)
+        write_run(tmp_path, seed, 0.6 + 0.1 * seed, method="lora", shots=4)
+    assert main([str(tmp_path), "--wandb", "--n_resamples", "100"]) == 0
+    tables = {p.name.rsplit("_", 2)[0] for p in (tmp_path / "report").rglob("*.table.json")}
+    assert {"summary", "paired"} <= tables, tables
+    assert list((tmp_path / "report").rglob("methods_demo*.png"))

@@ -93,7 +93,7 @@ def start_tracking(enabled: bool, config: dict, run_dir: Path, name: str | None 
     try:
         import wandb
 
-        who = identity(config)
+        who = identity(config) if "method" in config else {"name": name, "group": None, "tags": ["report"]}
         run = wandb.init(
             project=config.get("wandb_project") or os.environ.get("WANDB_PROJECT", "cytology-lora"),
             entity=config.get("wandb_entity") or os.environ.get("WANDB_ENTITY") or None,

@@ -84,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bootstrap_seed", type=int, default=0)
     parser.add_argument("--no_plots", action="store_true")
     parser.add_argument("--baseline", default="linear", help="the method every other method is compared with")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also upload the tables and plots to one Weights & Biases run (offline without a login)")
     args = parser.parse_args(argv)
     return exit_status(lambda: _write(args))
 
@@ -94,7 +96,35 @@ def _write(args: argparse.Namespace) -> int:
     print(f"report written to {files[-1].parent}:")
     for path in files:
         print(f"  {path.name}")
+    if args.wandb:
+        upload(files, Path(args.output_dir))
     return 0
+
+
+def upload(files: Sequence[Path], source: Path) -> None:
+    """The report's CSV tables (as wandb Tables), plots (as images) and report.md in one wandb run."""
+    import csv
+
+    from utils.tracking import start_tracking
+
+    tracker = start_tracking(True, {"report_of": str(source.resolve())}, files[-1].parent, name="report")
+    if tracker.run is None:
+        return
+    import wandb
+
+    logged: dict = {}
+    for path in files:
+        if path.suffix == ".csv":
+            with open(path, newline="", encoding="utf-8") as handle:
+                rows = list(csv.reader(handle))
+            if rows:
+                logged[f"report/{path.stem}"] = wandb.Table(columns=rows[0], data=rows[1:])
+        elif path.suffix == ".png":
+            logged[f"plots/{path.stem}"] = wandb.Image(str(path))
+        elif path.suffix == ".md":
+            logged["report/markdown"] = wandb.Html(f"<pre>{path.read_text(encoding='utf-8')}</pre>")
+    tracker.run.log(logged)
+    tracker.finish()
 
 
 if __name__ == "__main__":
