@@ -217,14 +217,19 @@ def test_plots_and_markdown_tables(tmp_path):
     names = {f.name for f in files}
     assert {"balanced_accuracy_vs_shots_demo.png", "balanced_accuracy_vs_percentage_demo.png",
             "methods_demo.png", "report.md"} <= names
-    confusion = [f for f in files if f.name.startswith("confusion_")]
+    confusion = [f for f in files if f.name.startswith("confusion_") and "_sum_" not in f.name]
     assert len(confusion) == 1
+    sums = sorted(f.name for f in files if f.name.startswith("confusion_sum_"))
+    assert sums == ["confusion_sum_demo_10.png", "confusion_sum_demo_50.png", "confusion_sum_demo_K_1.png",
+                    "confusion_sum_demo_K_2.png"]
     for png in (f for f in files if f.suffix == ".png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert "| Model | Method | K=1 | K=2 | 10% | 50% |" in md
     assert "| tiny_clip | linear | 56.5 ± 6.4 | 61.5 ± 6.4 |  |  |" in md  # mean of 0.56, 0.57 ± 12.706 * 0.005
     assert "lora - linear" in md
+    assert "(chance level of the headline metric: 50.0)" in md  # two classes
+    assert "## Recall of each class (test, %, mean over seeds)" in md and "| neg | pos |" in md
 
 
 def test_confusion_of_a_missing_run_is_a_user_error(tmp_path):

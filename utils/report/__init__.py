@@ -27,7 +27,7 @@ from pathlib import Path
 
 from common.errors import exit_status
 from utils.report.load import Group, ReportError, Run, group_runs, load_runs, settings_key, varying_fields
-from utils.report.plots import plot_confusion, plot_curves, plot_methods, plot_reliability
+from utils.report.plots import plot_confusion, plot_confusion_sums, plot_curves, plot_methods, plot_reliability
 from utils.report.tables import markdown_report, paired_rows, select_lr, summary_row, write_csv
 
 __all__ = ["Group", "ReportError", "Run", "build_report", "group_runs", "load_runs", "main", "paired_rows",
@@ -64,7 +64,7 @@ def build_report(output_dir: str | Path, out: str | Path | None = None, confusio
     figures: list[Path] = []
     if plots:
         figures += plot_curves(chosen, varying, out_dir) + plot_methods(chosen, varying, out_dir)
-        figures += plot_reliability(chosen, varying, out_dir)
+        figures += plot_reliability(chosen, varying, out_dir) + plot_confusion_sums(chosen, varying, out_dir)
         if confusion:
             figures.append(plot_confusion(confusion, out_dir))
     report = out_dir / "report.md"

@@ -69,12 +69,24 @@ def plot_curves(groups: Sequence[Group], varying: Sequence[str], out: Path) -> l
             fig, ax = plt.subplots(figsize=(6.4, 4.4))
             for i, (label, points) in enumerate(curves.items()):
                 xs = [p[0] for p in points]
-                line = ax.plot(xs, [p[1].mean for p in points], marker=MARKERS[i % len(MARKERS)],
+                line = ax.plot(xs, [p[1].mean for p in points], marker=MARKERS[i % len(MARKERS)], markersize=6,
                                linestyle=LINESTYLES[i % len(LINESTYLES)], label=label)[0]
-                ax.fill_between(xs, [p[1].ci_low for p in points], [p[1].ci_high for p in points],
-                                color=line.get_color(), alpha=0.15, linewidth=0)
+                low = [_clip(p[1].ci_low, p[1].mean) for p in points]
+                high = [_clip(p[1].ci_high, p[1].mean) for p in points]
+                if len(xs) == 1:  # a single K: an error bar, so the interval stays visible
+                    mean = points[0][1].mean
+                    ax.errorbar(xs, [mean], yerr=[[mean - low[0]], [high[0] - mean]], color=line.get_color(),
+                                capsize=4)
+                else:
+                    ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+            chance = _chance(members)
+            if chance is not None:
+                ax.axhline(chance, color="black", linestyle=":", linewidth=1, label=f"chance ({chance:.2f})")
             ax.set_xscale("log", base=2 if not percentage else 10)
             ticks = sorted({x for pts in curves.values() for x, _ in pts})
+            if len(ticks) == 1:
+                ax.set_xlim(ticks[0] / 1.5, ticks[0] * 1.5)
+            ax.set_ylim(0, 1)
             ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
             ax.minorticks_off()  # only the measured shots/percentages are labelled
             ax.set_xlabel(axis)
@@ -84,6 +96,52 @@ def plot_curves(groups: Sequence[Group], varying: Sequence[str], out: Path) -> l
             ax.legend(fontsize=7)
             name = f"balanced_accuracy_vs_{'percentage' if percentage else 'shots'}_{_safe(dataset)}.png"
             written.append(_save(fig, out / name))
+    return written
+
+
+def _clip(bound: float, mean: float) -> float:
+    """An interval bound clipped to [0, 1] (a missing one collapses to the mean)."""
+    return mean if math.isnan(bound) else min(1.0, max(0.0, bound))
+
+
+def _chance(members: Sequence[Group]) -> float | None:
+    """The chance level of the headline metric: 1/C for balanced accuracy, 0.5 for mean AUROC."""
+    run = members[0].runs[0]
+    if run.headline == "macro_auroc":
+        return 0.5
+    classes = run.data.get("classes") or []
+    return 1 / len(classes) if classes else None
+
+
+def plot_confusion_sums(groups: Sequence[Group], varying: Sequence[str], out: Path) -> list[Path]:
+    """Per dataset and data size, one test confusion matrix per arm, summed over its seeds."""
+    plt = _pyplot()
+    written = []
+    slots: dict[tuple, list[Group]] = defaultdict(list)
+    for g in groups:
+        if all(r.data["metrics"]["test"].get("confusion_matrix") for r in g.runs):
+            slots[(_dataset_name(g.config), _column_order(g.config), _column_label(g.config))].append(g)
+    for (dataset, _, data), members in sorted(slots.items()):
+        members = sorted(members, key=_arm_rank)
+        classes = members[0].runs[0].data.get("classes") or []
+        n = len(classes)
+        side = max(3.0, 0.45 * n + 1.5)
+        fig, axes = plt.subplots(1, len(members), figsize=(side * len(members), side + 0.6), squeeze=False)
+        for ax, g in zip(axes[0], members, strict=True):
+            total = [[sum(r.data["metrics"]["test"]["confusion_matrix"][i][j] for r in g.runs) for j in range(n)]
+                     for i in range(n)]
+            fractions = [[v / max(1, sum(row)) for v in row] for row in total]
+            ax.imshow(fractions, cmap="Greys", vmin=0, vmax=1)
+            for i in range(n):
+                for j in range(n):
+                    ax.text(j, i, str(total[i][j]), ha="center", va="center", fontsize=7,
+                            color="white" if fractions[i][j] > 0.5 else "black")
+            ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=6)
+            ax.set_yticks(range(n), classes, fontsize=6)
+            ax.set_xlabel("predicted")
+            ax.set_title(f"{arm_label(g, varying)}\n({len(g.runs)} seeds summed)", fontsize=7)
+        axes[0][0].set_ylabel("true")
+        written.append(_save(fig, out / f"confusion_sum_{_safe(dataset)}_{_safe(data)}.png"))
     return written
 
 
@@ -117,6 +175,9 @@ def plot_methods(groups: Sequence[Group], varying: Sequence[str], out: Path) -> 
                    edgecolor="black", alpha=0.8)
         ax.set_xticks(range(len(slots)), [slot for slot, _ in slots], fontsize=8)
         ax.set_ylim(0, 1)
+        chance = _chance(members)
+        if chance is not None:
+            ax.axhline(chance, color="black", linestyle=":", linewidth=1, label=f"chance ({chance:.2f})")
         ax.set_ylabel(f"test {members[0].headline}")
         ax.set_title(f"{dataset}: methods compared (mean, 95% t-interval over seeds)")
         ax.legend(fontsize=7)

@@ -309,6 +309,55 @@ def method_tables(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
     return lines
 
 
+def setting_table(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
+    """One row per setting: every test metric as mean ± t half-width, the lr, the seeds and the chance level."""
+    lines: list[str] = []
+    for dataset, members in _by_dataset_groups(groups):
+        headline = members[0].runs[0].headline
+        metrics = METRICS.get(headline, METRICS["balanced_accuracy"])
+        chance = "0.5 (AUROC)" if headline == "macro_auroc" else f"{100 / max(1, _n_classes(members[0])):.1f}"
+        lines += [f"### {dataset} (chance level of the headline metric: {chance})", "",
+                  "| Arm | Data | " + " | ".join(metrics) + " | lr | seeds |",
+                  "|---|---|" + "---|" * len(metrics) + "---|---|"]
+        for g in sorted(members, key=lambda g: (_column_order(g.config), _arm_rank(g))):
+            cells = [_cell(g, m, len(g.runs)) for m in metrics]
+            lines.append(f"| {arm_label(g, varying)} | {_column_label(g.config)} | " + " | ".join(cells)
+                         + f" | {g.config.lr:g} | {len(g.runs)} |")
+        lines.append("")
+    return lines
+
+
+def recall_table(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
+    """Mean test recall of each class per setting (single-label data)."""
+    lines: list[str] = []
+    for dataset, members in _by_dataset_groups(groups):
+        members = [g for g in members if g.runs[0].data["metrics"]["test"].get("per_class_recall")]
+        if not members:
+            continue
+        classes = list(members[0].runs[0].data["metrics"]["test"]["per_class_recall"])
+        lines += [f"### {dataset}", "", "| Arm | Data | " + " | ".join(classes) + " |",
+                  "|---|---|" + "---|" * len(classes)]
+        for g in sorted(members, key=lambda g: (_column_order(g.config), _arm_rank(g))):
+            cells = []
+            for name in classes:
+                values = [r.data["metrics"]["test"]["per_class_recall"].get(name) for r in g.runs]
+                cells.append(_pct([v for v in values if v is not None]))
+            lines.append(f"| {arm_label(g, varying)} | {_column_label(g.config)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _by_dataset_groups(groups: Sequence[Group]) -> list[tuple[str, list[Group]]]:
+    by_dataset: dict[str, list[Group]] = defaultdict(list)
+    for g in groups:
+        by_dataset[_dataset_name(g.config)].append(g)
+    return sorted(by_dataset.items())
+
+
+def _n_classes(group: Group) -> int:
+    return len(group.runs[0].data.get("classes") or [])
+
+
 def calibration_tables(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
     """Test ECE before and after temperature scaling (fitted on validation), mean over seeds, per arm."""
     lines: list[str] = []
@@ -383,6 +432,11 @@ def markdown_report(source: Path, runs: Sequence[Run], groups: Sequence[Group], 
     lines += ["## Methods side by side (test)", "",
               "Balanced accuracy: mean [95% t-interval over seeds]; trainable parameters are those that "
               "received a gradient.", ""] + method_tables(chosen, varying)
+    lines += ["## Every metric per setting (test, %, mean ± 95% t half-width over seeds)", ""]
+    lines += setting_table(chosen, varying)
+    recall = recall_table(chosen, varying)
+    if recall:
+        lines += ["## Recall of each class (test, %, mean over seeds)", ""] + recall
     for metric, title in ((HEADLINE, "Headline metric (balanced accuracy; mean AUROC for multi-label data)"),
                           ("accuracy", "Accuracy")):
         lines += [f"## {title} (test)", ""] + markdown_tables(chosen, varying, metric)
