@@ -10,6 +10,7 @@ from pathlib import Path
 
 from common.io import write_text_atomic
 from datasets.errors import DatasetError
+from datasets.folds import cross_validation, known_groups
 from datasets.labelmap import LabelMap, apply_label_map, check_label_map, parse_label_map
 from datasets.layouts import SPLITS
 from datasets.readers import Listing, print_notes
@@ -49,6 +50,8 @@ class Split:
     task: str = "single_label"  # "single_label", "multilabel" or "captions"
     captions: dict[str, str] = field(default_factory=dict)  # absolute path -> caption
     groups: dict[str, str] = field(default_factory=dict)  # absolute path -> group, where the data has groups
+    cv: int | None = None  # cross-validation: K folds of train + val, fold `fold` as val
+    fold: int | None = None
 
     def items(self, split: str) -> list[tuple[str, int]]:
         """The (path, label) list of ``split`` ("train", "val" or "test")."""
@@ -95,6 +98,8 @@ class Split:
             doc["label_map"] = {new: list(olds) for new, olds in self.label_map.items()}
         if self.task != "single_label":
             doc["task"] = self.task
+        if self.cv is not None:
+            doc["cv"], doc["fold"] = self.cv, self.fold
         if self.captions:
             doc["captions"] = {self.relative(p): c for p, c in sorted(self.captions.items())}
         return doc
@@ -179,6 +184,8 @@ def load_split(
     level_fallback: str = "original",
     protocol: str = DEFAULT_PROTOCOL,
     label_map: LabelMap | str | None = None,
+    cv: int | None = None,
+    fold: int | None = None,
 ) -> Split:
     """The split of one run: a pure function of the files, dataset, labelling options, shots, percentage and seed.
 
@@ -186,11 +193,19 @@ def load_split(
     (see :func:`datasets.demo.demo_root`). ``level``, ``level_fallback`` and ``protocol`` apply to
     datasets with label levels (hicervix; see :mod:`datasets.hicervix`). ``label_map`` merges
     classes before sampling: ``{new: [old, ...]}``, or the text :func:`parse_label_map` reads.
+    ``cv`` and ``fold`` replace train and val by K cross-validation folds of their union
+    (:mod:`datasets.folds`), before sampling; test is untouched.
     """
     percentage = check_sampling(shots, percentage)
     request = read_request(dataset, level, level_fallback, protocol)
     mapping = _label_map(label_map)
     listing = _read(root_path, request, mapping)
+    if cv is not None:
+        if not get_dataset(dataset).generic:
+            raise DatasetError(f"--cv applies to folder and csv data, which have no fixed validation split; "
+                               f"{dataset} has its own")
+        groups = known_groups(Path(listing.root), listing.groups)
+        listing.items = cross_validation(listing.items, groups, cv, 0 if fold is None else fold, seed)
     print_notes(listing)
     root = str(listing.root)
     label_of = _labeller(listing)
@@ -217,6 +232,8 @@ def load_split(
         task=listing.task,
         captions={paths[rel]: text for rel, text in listing.captions.items() if rel in paths},
         groups={paths[rel]: group for rel, group in listing.groups.items() if rel in paths},
+        cv=cv,
+        fold=None if cv is None else (fold or 0),
     )
 
 

@@ -307,3 +307,16 @@ def test_single_label_only_methods_refuse_multilabel_data(multilabel_root, tmp_p
             "--output_dir", str(tmp_path), *TINY]
     with pytest.raises(UserError, match="knn handles single_label data, and this data is multilabel"):
         main.main(args)
+
+
+def test_cross_validation_runs_each_fold_from_the_entry_point(folder_root, tmp_path):
+    vals = []
+    for fold in (0, 1):
+        args = ["--method", "knn", "--root_path", str(folder_root), "--dataset", "folder", "--shots", "-1",
+                "--cv", "2", "--fold", str(fold), "--output_dir", str(tmp_path), *TINY]
+        assert main.main(args) == 0
+    for path in sorted(tmp_path.rglob("results.json")):
+        r = json.loads(path.read_text())
+        assert r["config"]["cv"] == 2 and f"-fold{r['config']['fold']}of2-" in str(path)
+        vals.append(r["n_val"])
+    assert sum(vals) == 6 * 3 + 3 * 3  # every train and val image is validation once

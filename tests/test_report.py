@@ -285,3 +285,13 @@ def test_case_level_interval_from_predictions(tmp_path):
     assert low < 0.1 < high and high - low < 0.25  # the true gap is 0.1: about 10 points of balanced accuracy
     md = (tmp_path / "report" / "report.md").read_text()
     assert "seeds + images 95% CI" in md
+
+
+def test_folds_are_replicates_like_seeds(tmp_path):
+    for seed in (1, 2):
+        for fold in (0, 1, 2):
+            write_run(tmp_path, seed, 0.5 + 0.01 * fold + 0.1 * seed, method="linear", shots=4, cv=3, fold=fold)
+    build_report(tmp_path, plots=False)
+    (row,) = read_csv(tmp_path / "report" / "summary.csv")
+    assert row["n_seeds"] == "6" and row["seeds"] == "1/fold0;1/fold1;1/fold2;2/fold0;2/fold1;2/fold2"
+    assert float(row["test_balanced_accuracy_mean"]) == pytest.approx(0.66)

@@ -125,6 +125,8 @@ def build_parser(default_method: str, prog: str) -> argparse.ArgumentParser:
          "HiCervix's benchmark)")
     _add(g, "--label_map", help='merge classes at load time: a JSON file or "normal=a,b,c;abnormal=d,e"')
     _add(g, "--seed", type=int, default_of="seed")
+    _add(g, "--cv", type=int, help="folder and csv data: split train + val into K stratified (and grouped) folds")
+    _add(g, "--fold", type=int, help="with --cv: the fold used as validation (0 .. K-1; default 0)")
     _add(g, "--shots", type=int, help="images per class; -1 = all; 0 with --pourcentage", default_of="shots")
     _add(g, "--pourcentage", "--percentage", dest="percentage", type=float,
          help="with --shots 0: percent of each class used for train and val")
@@ -299,6 +301,12 @@ def _validate(config: RunConfig) -> None:
         raise UserError(f"--warmup_steps must be at least 0, got {config.warmup_steps}")
     if config.lr <= 0:
         raise UserError(f"--lr must be positive, got {config.lr:g}")
+    if config.fold is not None and config.cv is None:
+        raise UserError("--fold needs --cv K (the number of folds)")
+    if config.cv is not None:
+        config.fold = config.fold or 0
+        if config.cv < 2 or not 0 <= config.fold < config.cv:
+            raise UserError(f"--cv {config.cv} --fold {config.fold}: give K >= 2 and a fold in 0..K-1")
     if config.eval_only and not config.run:
         raise UserError("--eval_only needs --run (a finished run folder)")
     if config.weights and config.weights != "random" and not os.path.exists(config.weights):

@@ -29,6 +29,8 @@ class RunConfig:
     protocol: str = "paper"
     label_map: str | None = None  # merge classes at load time: JSON file or "new=a,b;other=c"
     seed: int = 1
+    cv: int | None = None  # folder/csv data: K cross-validation folds of train + val
+    fold: int | None = None  # ... and the one used as validation
     shots: int = 16
     percentage: float | None = None
     model_name: str = "tiny_clip"
@@ -131,4 +133,9 @@ def run_dir(config: RunConfig) -> Path:
     dataset = f"{name}-{config.level}" if config.level else name
     top = f"exp{config.experiment}" if config.experiment else "runs"
     return (Path(config.output_dir) / top / dataset / model_label(config) / method_label(config)
-            / data_label(config) / f"lr{_num(config.lr)}" / f"seed{config.seed}-{fingerprint(config)[:8]}")
+            / data_label(config) / f"lr{_num(config.lr)}"
+            / f"seed{config.seed}{_fold(config)}-{fingerprint(config)[:8]}")
+
+
+def _fold(config: RunConfig) -> str:
+    return "" if config.cv is None else f"-fold{config.fold}of{config.cv}"

@@ -143,7 +143,8 @@ def load_data(config: RunConfig):
 
     split = load_split(config.root_path or None, config.dataset, shots=config.shots, seed=config.seed,
                        level=config.level, percentage=config.percentage, protocol=config.protocol,
-                       level_fallback=config.level_fallback or "original", label_map=config.label_map)
+                       level_fallback=config.level_fallback or "original", label_map=config.label_map,
+                       cv=config.cv, fold=config.fold)
     if config.num_classes is not None and config.num_classes != len(split.classes):
         raise UserError(
             f"--num_classes {config.num_classes} disagrees with the data: {config.dataset} has "

@@ -43,6 +43,17 @@ class Run:
         return int(self.config["seed"])
 
     @property
+    def replicate(self) -> tuple[int, int]:
+        """What varies between repeats of one setting: the seed, and the cross-validation fold."""
+        fold = self.config.get("fold")
+        return (self.seed, -1 if fold is None else int(fold))
+
+    @property
+    def replicate_label(self) -> str:
+        seed, fold = self.replicate
+        return str(seed) if fold < 0 else f"{seed}/fold{fold}"
+
+    @property
     def schema(self) -> object:
         return self.data.get("schema_version")
 
@@ -129,7 +140,8 @@ def load_runs(root: str | Path, skip_invalid: bool = False) -> list[Run]:
 
 def settings_key(run: Run) -> dict:
     """Every config field that can change results (all but the seed and runtime fields), plus the schema."""
-    key = {k: v for k, v in run.config.items() if k not in RUNTIME_FIELDS | DERIVED_FIELDS and k != "seed"}
+    key = {k: v for k, v in run.config.items()
+           if k not in RUNTIME_FIELDS | DERIVED_FIELDS and k not in ("seed", "fold")}
     key["schema_version"] = run.schema
     env = run.data.get("env")
     if isinstance(env, dict) and env.get("precision"):
@@ -148,13 +160,13 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
     for run in runs:
         key = settings_key(run)
         group = groups.setdefault(_freeze(key), Group(key))
-        twin = next((r for r in group.runs if r.seed == run.seed), None)
+        twin = next((r for r in group.runs if r.replicate == run.replicate), None)
         if twin is not None:
-            raise ReportError(f"{run.path} and {twin.path} are the same settings and seed {run.seed}; "
+            raise ReportError(f"{run.path} and {twin.path} are the same settings and seed {run.replicate_label}; "
                               "remove one of them")
         group.runs.append(run)
     for group in groups.values():
-        group.runs.sort(key=lambda r: r.seed)
+        group.runs.sort(key=lambda r: r.replicate)
     return sorted(groups.values(), key=_group_order)
 
 

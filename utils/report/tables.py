@@ -41,7 +41,7 @@ def summary_row(group: Group, varying: Sequence[str]) -> dict:
         row[name] = _display(group.key.get(name))
     row["schema_version"] = _display(group.key.get("schema_version"))
     row["n_seeds"] = len(group.runs)
-    row["seeds"] = ";".join(str(r.seed) for r in group.runs)
+    row["seeds"] = ";".join(r.replicate_label for r in group.runs)
     for name in METRICS.get(group.runs[0].headline, METRICS["balanced_accuracy"]):
         values = group.values("test", name)
         s = summarize(values)
@@ -123,17 +123,17 @@ def _pair_kind(a: Group, b: Group, baseline: str) -> str | None:
 
 def _pair_values(a: Group, b: Group) -> tuple[list[int], list[float], list[float], int]:
     """Test balanced accuracy of a and b on their common seeds whose splits match."""
-    runs_b = {r.seed: r for r in b.runs}
+    runs_b = {r.replicate: r for r in b.runs}
     seeds, va, vb, mismatched = [], [], [], 0
     for run in a.runs:
-        other = runs_b.get(run.seed)
+        other = runs_b.get(run.replicate)
         if other is None:
             continue
         sha_a, sha_b = run.data.get("split_sha256"), other.data.get("split_sha256")
         if sha_a and sha_b and sha_a != sha_b:
             mismatched += 1  # same seed but different data: not a pair
             continue
-        seeds.append(run.seed)
+        seeds.append(run.replicate)
         va.append(run.metric("test", HEADLINE))
         vb.append(other.metric("test", HEADLINE))
     return seeds, va, vb, mismatched
@@ -155,7 +155,7 @@ def _test_predictions(run: Run) -> tuple[list[str], np.ndarray, np.ndarray] | No
 def case_bootstrap(a: Group, b: Group, seeds: Sequence[int], n_resamples: int, seed: int):
     """The two-level (seeds, then test images) paired bootstrap of test balanced accuracy, from the runs'
     predictions.csv; None when a run has none or the two arms were not scored on the same images."""
-    runs_a, runs_b = {r.seed: r for r in a.runs}, {r.seed: r for r in b.runs}
+    runs_a, runs_b = {r.replicate: r for r in a.runs}, {r.replicate: r for r in b.runs}
     preds_a, preds_b, labels = [], [], []
     if runs_a[seeds[0]].headline != "balanced_accuracy":
         return None  # the case bootstrap recomputes balanced accuracy from single-label predictions
@@ -201,7 +201,7 @@ def paired_rows(groups: Sequence[Group], varying: Sequence[str], n_resamples: in
                     "percentage": context[3],
                     "comparison": kind, "a": arm_label(a, varying), "b": arm_label(b, varying),
                     "lr_a": a.config.lr, "lr_b": b.config.lr, "metric": f"test {a.headline}",
-                    "n_seeds": d.n, "seeds": ";".join(map(str, seeds)),
+                    "n_seeds": d.n, "seeds": ";".join(f"{s}" if f < 0 else f"{s}/fold{f}" for s, f in seeds),
                     "a_mean": summarize(va).mean, "b_mean": summarize(vb).mean, "mean_diff": d.mean,
                     "t_low": d.t_low, "t_high": d.t_high,
                     "boot_low": cases.boot_low if cases else math.nan,
