@@ -113,6 +113,20 @@ def _chance(members: Sequence[Group]) -> float | None:
     return 1 / len(classes) if classes else None
 
 
+def draw_confusion(ax, matrix: list[list[int]], classes: Sequence[str], fontsize: int) -> None:
+    """Counts written in every cell, grey shades by row fraction (readable without colour)."""
+    n = len(matrix)
+    fractions = [[v / max(1, sum(row)) for v in row] for row in matrix]
+    ax.imshow(fractions, cmap="Greys", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(matrix[i][j]), ha="center", va="center", fontsize=fontsize + 1,
+                    color="white" if fractions[i][j] > 0.5 else "black")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=fontsize)
+    ax.set_yticks(range(n), classes, fontsize=fontsize)
+    ax.set_xlabel("predicted")
+
+
 def plot_confusion_sums(groups: Sequence[Group], varying: Sequence[str], out: Path) -> list[Path]:
     """Per dataset and data size, one test confusion matrix per arm, summed over its seeds."""
     plt = _pyplot()
@@ -130,15 +144,7 @@ def plot_confusion_sums(groups: Sequence[Group], varying: Sequence[str], out: Pa
         for ax, g in zip(axes[0], members, strict=True):
             total = [[sum(r.data["metrics"]["test"]["confusion_matrix"][i][j] for r in g.runs) for j in range(n)]
                      for i in range(n)]
-            fractions = [[v / max(1, sum(row)) for v in row] for row in total]
-            ax.imshow(fractions, cmap="Greys", vmin=0, vmax=1)
-            for i in range(n):
-                for j in range(n):
-                    ax.text(j, i, str(total[i][j]), ha="center", va="center", fontsize=7,
-                            color="white" if fractions[i][j] > 0.5 else "black")
-            ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=6)
-            ax.set_yticks(range(n), classes, fontsize=6)
-            ax.set_xlabel("predicted")
+            draw_confusion(ax, total, classes, fontsize=6)
             ax.set_title(f"{arm_label(g, varying)}\n({len(g.runs)} seeds summed)", fontsize=7)
         axes[0][0].set_ylabel("true")
         written.append(_save(fig, out / f"confusion_sum_{_safe(dataset)}_{_safe(data)}.png"))
@@ -249,18 +255,9 @@ def plot_confusion(run_folder: str | Path, out: Path) -> Path:
     if not matrix:
         raise ReportError(f"--confusion: {path} has no metrics.test.confusion_matrix")
     plt = _pyplot()
-    n = len(matrix)
-    fractions = [[v / max(1, sum(row)) for v in row] for row in matrix]
-    side = max(4.0, 1.5 + 0.6 * n)
+    side = max(4.0, 1.5 + 0.6 * len(matrix))
     fig, ax = plt.subplots(figsize=(side, side))
-    ax.imshow(fractions, cmap="Greys", vmin=0, vmax=1)
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, str(matrix[i][j]), ha="center", va="center", fontsize=8,
-                    color="white" if fractions[i][j] > 0.5 else "black")
-    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(n), classes, fontsize=7)
-    ax.set_xlabel("predicted")
+    draw_confusion(ax, matrix, classes, fontsize=7)
     ax.set_ylabel("true")
     c = RunConfig.from_dict(run.config)
     where = f"{c.dataset} {data_label(c)} lr {c.lr:g} seed {c.seed} (test)"
