@@ -22,7 +22,7 @@ ALL = ("linear", "lora", "zeroshot", "simpleshot", "knn", "prototype", "adapter"
 
 def feature_ctx(x: torch.Tensor, y: torch.Tensor, classes, tmp_path: Path, **config) -> RunContext:
     """A run context whose train features are given (no model, no images)."""
-    split = SimpleNamespace(classes=list(classes), train=[("x", int(v)) for v in y])
+    split = SimpleNamespace(classes=list(classes), train=[("x", int(v)) for v in y], task="single_label")
     spec = SimpleNamespace(feature_dim=x.shape[1], model=torch.nn.Linear(1, 1))
     ctx = RunContext(RunConfig(**config), tmp_path, split, spec, torch.device("cpu"), "fp32")
     ctx._features["train"] = (x, y)
@@ -147,7 +147,8 @@ def tiny_ctx(tmp_path):
 
     spec = load_model("tiny_clip")
     spec.model.requires_grad_(False)
-    split = SimpleNamespace(classes=["a", "b", "c"], train=[("x", 0)] * 4, counts=lambda: {"train": {"a": 4}})
+    split = SimpleNamespace(classes=["a", "b", "c"], train=[("x", 0)] * 4, counts=lambda: {"train": {"a": 4}},
+                            task="single_label")
     return RunContext(RunConfig(model_name="tiny_clip", n_iters=1, shots=4), tmp_path, split, spec,
                       torch.device("cpu"), "fp32")
 

@@ -76,8 +76,9 @@ def _batches(kill_at=None):
     return gen
 
 
-def _augment(x, g):
-    return x + 0.01 * torch.randn(x.shape, generator=g)
+def _augment(x, seeds):
+    noise = [torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
+    return x + 0.01 * torch.stack(noise)
 
 
 def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path):
@@ -115,4 +116,4 @@ def test_non_finite_loss_names_the_step(tmp_path):
             yield (X[:8] * (float("inf") if step == 3 else 1.0)), Y[:8]
 
     with pytest.raises(TrainingDiverged, match="at step 4: lower the learning rate"):
-        _trainer(model, tmp_path).fit(bad, lambda x, g: x)
+        _trainer(model, tmp_path).fit(bad, lambda x, seeds: x)

@@ -182,8 +182,8 @@ def parse_config(argv: Sequence[str] | None, default_method: str = "lora", prog:
     given = vars(build_parser(default_method, prog).parse_args(argv))
     saved = _saved_settings(given)
     preset = dict(PRESETS.get(given.get("preset"), {}))
-    method = get_method(given.pop("method", None) or saved.pop("method", None) or preset.pop("method", None)
-                        or default_method)
+    saved_method = saved.pop("method", None)
+    method = get_method(given.pop("method", None) or saved_method or preset.pop("method", None) or default_method)
     preset.pop("method", None)
     given.pop("from_results", None)
     values: dict = {}

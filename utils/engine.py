@@ -7,9 +7,12 @@ it. Everything else (data, features, the training loop, checkpoints, saving, rel
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,19 +27,20 @@ from common.io import atomic_write
 from common.seeding import seed_everything
 from methods import get_method
 from methods.registry import Plan, Stage, settings_dict
+from utils import distributed as dist
 from utils import images as img
 from utils import results as res
-from utils.augment import augment_batch, normalise
+from utils.augment import augment_batch_seeded, normalise
 from utils.config import RunConfig, fingerprint, model_label, run_dir
 from utils.metrics import compute_metrics, hierarchical_metrics
-from utils.tracking import start_tracking
+from utils.tracking import Tracker, start_tracking
 from utils.trainer import (
     CHECKPOINT_FILE,
     Trainer,
     TrainSettings,
     TrainStats,
     batch_indices,
-    collect_outputs,
+    collect_batches,
     steps_per_epoch,
 )
 
@@ -206,26 +210,31 @@ def _train_settings(c: RunConfig, ctx: RunContext, stage: Stage) -> TrainSetting
 
 
 def _batches(ctx: RunContext, stage: Stage):
-    """(batches(start), prepare) for a stage: feature rows, or uint8 images augmented on the device."""
+    """(batches(start), prepare) for a stage: this process's slice of each global batch (all of it
+    without torchrun) of feature rows, or of uint8 images augmented on the device with per-sample seeds."""
     c = ctx.config
     if stage.inputs == "features":
         x, y = ctx.features("train")
 
         def feature_batches(start: int):
             for idx in batch_indices(len(y), c.batch_size, c.seed, start, c.drop_last):
-                ids = torch.as_tensor(idx)
-                yield x[ids], y[ids]
+                shard = dist.shard_batch(idx)
+                ids = torch.as_tensor(shard.indices)
+                yield x[ids], y[ids], shard
 
-        return feature_batches, lambda x, g: x
+        return feature_batches, lambda x, seeds: x
     data = img.IndexedBatches(ctx.split.train, ctx.spec.input_size, c.num_workers)
     mean, std = ctx.mean, ctx.std
 
     def image_batches(start: int):
-        return data.stream(batch_indices(len(data), c.batch_size, c.seed, start, c.drop_last))
+        shards: deque[dist.Shard] = deque()
+        indices = dist.shard_batches(batch_indices(len(data), c.batch_size, c.seed, start, c.drop_last), shards)
+        for images, labels in data.stream(indices):
+            yield images, labels, shards.popleft()
 
     if stage.augment:
-        return image_batches, lambda x, g: augment_batch(x, mean, std, g)
-    return image_batches, lambda x, g: normalise(x, mean, std)
+        return image_batches, lambda x, seeds: augment_batch_seeded(x, mean, std, seeds)
+    return image_batches, lambda x, seeds: normalise(x, mean, std)
 
 
 def train(ctx: RunContext, plan: Plan, tracker) -> tuple[list[dict], int]:
@@ -239,7 +248,7 @@ def train(ctx: RunContext, plan: Plan, tracker) -> tuple[list[dict], int]:
         settings = _train_settings(ctx.config, ctx, stage)
         trainer = Trainer(stage.module, settings, ctx.out, fingerprint(ctx.config), checkpoint_name=name,
                           extra_loss=stage.extra_loss, loss_fn=task_loss(ctx))
-        if trainer.try_resume():
+        if trainer.try_resume() and dist.is_main():
             print(f"resuming {stage.name} from step {trainer.step} of {stage.steps}", file=sys.stderr)
         batches, prepare = _batches(ctx, stage)
         stats = trainer.fit(batches, prepare, log=tracker.log, desc=f"train {stage.name}")
@@ -329,11 +338,15 @@ def predict(ctx: RunContext, plan: Plan, part: str) -> tuple[torch.Tensor, torch
         return torch.cat([model(chunk.to(ctx.device)).float().cpu() for chunk in x.split(4096)]), y
     c = ctx.config
     samples = ctx.split.items(part)
-    batches = img.iterate_batches(samples, ctx.spec.input_size, c.batch_size, c.num_workers)
     mean, std = ctx.mean, ctx.std
-    total = -(-len(samples) // c.batch_size)
-    return collect_outputs(model, model, batches, lambda x: normalise(x, mean, std), ctx.device, ctx.precision,
-                           total, desc=f"eval {part}")
+
+    def compute(numbers: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        batches = img.iterate_batches(samples, ctx.spec.input_size, c.batch_size, c.num_workers, batches=numbers)
+        return collect_batches(model, model, batches, lambda x: normalise(x, mean, std), ctx.device, ctx.precision,
+                               len(numbers), desc=f"eval {part}")
+
+    # under torchrun each process evaluates every N-th batch; all of them get every image, in order
+    return dist.gather_outputs(compute, -(-len(samples) // c.batch_size))
 
 
 def evaluate(ctx: RunContext, plan: Plan) -> tuple[dict, list, dict]:
@@ -414,7 +427,8 @@ def _record(ctx: RunContext, plan: Plan, metrics: dict, stages: list[dict], trai
                 "train_steps": sum(s["steps_run"] for s in stages),
                 "images_per_second": _mean_rate(stages),
                 "resumed_from_step": stages[-1]["resumed_from_step"] if stages else 0},
-        method_notes=plan.notes, env=res.environment(str(ctx.device), ctx.precision), **extra,
+        method_notes=plan.notes, env=res.environment(str(ctx.device), ctx.precision),
+        world_size=dist.world_size(), per_process_batch=-(-ctx.config.batch_size // dist.world_size()), **extra,
     )
 
 
@@ -458,36 +472,58 @@ def summary(ctx: RunContext, metrics: dict, path: Path, stages: list[dict]) -> N
 
 # -- the run ----------------------------------------------------------------------------------
 def run(config: RunConfig) -> int:
-    """One run of any method, from settings to results.json."""
+    """One run of any method, from settings to results.json.
+
+    Under torchrun every process runs this: all of them train and evaluate their share, rank 0
+    alone writes files and prints, and the others wait for it at barriers.
+    """
     method = get_method(config.method)
     if config.eval_only and not method.trains:
         raise UserError(f"--eval_only reloads trained weights, and --method {method.name} trains nothing: "
                         "run it without --eval_only")
-    ctx = prepare_context(config)
-    if ctx is None:
-        return 0
-    check_task(method, ctx)
-    plan = method.build(ctx, method.resolve(config.method_settings))
-    plan.model.to(ctx.device)
-    if config.eval_only:
-        return _eval_only(ctx, plan)
-    if config.overwrite:
-        remove_checkpoints(ctx.out)
-    tracker = start_tracking(config.wandb, config.to_dict(), ctx.out, ctx.out.as_posix())
-    stages, trainable = train(ctx, plan, tracker)
-    ctx.out.mkdir(parents=True, exist_ok=True)
-    if plan.stages:
-        save_weights(ctx, plan, ctx.out)  # before evaluation: a failed evaluation keeps the trained state
-    metrics, rows, calibration = evaluate(ctx, plan)
-    ctx.split.write_manifest(ctx.out / res.SPLIT_FILE)
-    res.write_predictions(ctx.out / res.PREDICTIONS_FILE, rows, list(ctx.split.classes))
-    record = _record(ctx, plan, metrics, stages, trainable, **calibration)
-    path = res.write_results(ctx.out / res.RESULTS_FILE, record)
-    remove_checkpoints(ctx.out)
-    tracker.summary(_flat(metrics))
-    tracker.finish()
-    summary(ctx, metrics, path, stages)
+    with dist.process_group(resolve_device(config.device).type), _silent_unless_main():
+        ctx = dist.main_first(lambda: prepare_context(config))  # downloads and caches once
+        if ctx is None:
+            return 0
+        ctx.device = dist.device_of_rank(ctx.device)
+        check_task(method, ctx)
+        plan = method.build(ctx, method.resolve(config.method_settings))
+        plan.model.to(ctx.device)
+        if config.eval_only:
+            return _eval_only(ctx, plan)
+        with dist.main_writes() as writer:
+            if writer and config.overwrite:
+                remove_checkpoints(ctx.out)
+        tracker = start_tracking(config.wandb, config.to_dict(), ctx.out, ctx.out.as_posix()) if dist.is_main() \
+            else Tracker()
+        stages, trainable = train(ctx, plan, tracker)
+        with dist.main_writes() as writer:
+            if writer:
+                ctx.out.mkdir(parents=True, exist_ok=True)
+                if plan.stages:
+                    save_weights(ctx, plan, ctx.out)  # before evaluation: a failed evaluation keeps the trained state
+        metrics, rows, calibration = evaluate(ctx, plan)
+        with dist.main_writes() as writer:
+            if writer:
+                ctx.split.write_manifest(ctx.out / res.SPLIT_FILE)
+                res.write_predictions(ctx.out / res.PREDICTIONS_FILE, rows, list(ctx.split.classes))
+                record = _record(ctx, plan, metrics, stages, trainable, **calibration)
+                path = res.write_results(ctx.out / res.RESULTS_FILE, record)
+                remove_checkpoints(ctx.out)
+                tracker.summary(_flat(metrics))
+                tracker.finish()
+                summary(ctx, metrics, path, stages)
     return 0
+
+
+@contextlib.contextmanager
+def _silent_unless_main():
+    """Ranks other than 0 print nothing (rank 0 says the same); their errors still propagate."""
+    if dist.is_main():
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
 
 
 def _eval_only(ctx: RunContext, plan: Plan) -> int:
@@ -498,10 +534,12 @@ def _eval_only(ctx: RunContext, plan: Plan) -> int:
     load_weights(ctx, plan, ctx.out)
     t0 = time.perf_counter()
     metrics, rows, calibration = evaluate(ctx, plan)
-    res.write_predictions(ctx.out / f"eval_{res.PREDICTIONS_FILE}", rows, list(ctx.split.classes))
-    path = res.write_results(out, _record(ctx, plan, metrics, [], 0, eval_only=True,
-                                          eval_seconds=round(time.perf_counter() - t0, 3), **calibration))
-    summary(ctx, metrics, path, [])
+    with dist.main_writes() as writer:
+        if writer:
+            res.write_predictions(ctx.out / f"eval_{res.PREDICTIONS_FILE}", rows, list(ctx.split.classes))
+            path = res.write_results(out, _record(ctx, plan, metrics, [], 0, eval_only=True,
+                                                  eval_seconds=round(time.perf_counter() - t0, 3), **calibration))
+            summary(ctx, metrics, path, [])
     return 0
 
 

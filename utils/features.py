@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.io import atomic_write, file_identity
+from utils import distributed as dist
 from utils import images as img
 from utils.augment import normalise
-from utils.trainer import collect_outputs
+from utils.trainer import collect_batches
 
 
 def cache_root() -> Path:
@@ -51,18 +52,26 @@ def extract_features(
     backbone: str | None = None,
     desc: str = "features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, D) float32 features and (N,) labels, from the cache when present."""
+    """(N, D) float32 features and (N,) labels, from the cache when present.
+
+    Under torchrun the batches are shared out across processes and gathered, so every process
+    gets all the features; only rank 0 writes the cache.
+    """
     path = cache_root() / f"{cache_key(spec, backbone, samples, precision)}.safetensors"
-    if path.is_file():
+    if dist.all_agree(path.is_file()):  # one decision for all ranks: they must run the same collectives
         tensors = load_file(path)
         return tensors["features"], tensors["labels"]
     mean = torch.tensor(spec.mean, device=device)
     std = torch.tensor(spec.std, device=device)
-    batches = img.iterate_batches(samples, spec.input_size, batch_size, num_workers)
-    total = -(-len(samples) // batch_size)
-    features, labels = collect_outputs(
-        spec.encode_image, spec.model, batches, lambda x: normalise(x, mean, std), device, precision, total, desc
-    )
+    n_batches = -(-len(samples) // batch_size)
+
+    def compute(numbers: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        batches = img.iterate_batches(samples, spec.input_size, batch_size, num_workers, batches=numbers)
+        return collect_batches(spec.encode_image, spec.model, batches, lambda x: normalise(x, mean, std), device,
+                               precision, len(numbers), desc)
+
+    features, labels = dist.gather_outputs(compute, n_batches)
     tensors = {"features": features.contiguous(), "labels": labels.contiguous()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    if dist.is_main():
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
     return features, labels

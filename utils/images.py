@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from common.io import write_json_atomic
 from common.seeding import seed_worker
+from utils.distributed import quiet_unless_main
 
 # Sets below this many bytes are decoded once and kept in memory for the whole run.
 IN_MEMORY_BYTES = 2 * 1024**3
@@ -83,7 +84,7 @@ def load_all(
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
     start = 0
     loader = _loader(dataset, batch_size=64, num_workers=num_workers)
-    for batch, _, errors in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for batch, _, errors in tqdm(loader, desc=desc, unit="batch", leave=False, **quiet_unless_main()):
         _raise_errors(errors)
         images[start : start + len(batch)] = batch
         start += len(batch)
@@ -91,11 +92,21 @@ def load_all(
 
 
 def iterate_batches(
-    samples: Sequence[tuple[str, int]], size: int, batch_size: int, num_workers: int = 0
+    samples: Sequence[tuple[str, int]], size: int, batch_size: int, num_workers: int = 0,
+    batches: Sequence[int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Stream a split in order as uint8 batches, for sets too large to keep in memory."""
+    """Stream a split in order as uint8 batches, for sets too large to keep in memory.
+
+    With `batches`, only those batch numbers (0 = the first `batch_size` samples), in the given
+    order: one process's share of an evaluation split across processes.
+    """
     dataset = ResizedImages(samples, size)
-    loader = _loader(dataset, batch_size=batch_size, num_workers=num_workers)
+    if batches is None:
+        loader = _loader(dataset, batch_size=batch_size, num_workers=num_workers)
+    else:
+        n = len(dataset)
+        lists = [list(range(b * batch_size, min((b + 1) * batch_size, n))) for b in batches]
+        loader = _loader(_BatchByIndex(dataset), batch_size=1, num_workers=num_workers, sampler=lists)
     for images, labels, errors in loader:
         _raise_errors(errors)
         yield images, torch.as_tensor(labels).long()
@@ -167,7 +178,8 @@ def check_decodable(paths: Sequence[str], cache_file: Path | None = None) -> Non
             known = set()
     todo = [p for p in dict.fromkeys(paths) if _stamp_or_none(p) not in known]
     bad, good = [], []
-    for path in tqdm(todo, desc="check images", unit="image", leave=False, disable=not todo):
+    quiet = quiet_unless_main().get("disable", False)
+    for path in tqdm(todo, desc="check images", unit="image", leave=False, disable=quiet or not todo):
         try:
             load_image(path)
             good.append(_stamp(path))

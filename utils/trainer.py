@@ -1,8 +1,11 @@
-"""The training loop shared by every method: schedule, precision, checkpoints.
+"""The training loop shared by every method: schedule, precision, checkpoints, data parallelism.
 
 Every step's randomness (batch order, augmentation, dropout) is a function of the seed and
 the step number, so a run resumed from a checkpoint continues exactly as if it had never
-stopped.
+stopped. Augmentation is drawn per sample from (seed, step, position in the global batch), so
+N processes under torchrun, each training on a slice of the global batch, draw what one
+process draws; their gradients are averaged with weights that make the result the mean over
+the global batch.
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common.errors import UserError
 from common.io import atomic_write
 from common.seeding import rng_state, set_rng_state
+from utils import distributed as dist
+from utils.distributed import Shard
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -81,6 +87,18 @@ def lr_factor(step: int, warmup: int, total: int, base_lr: float, min_lr: float)
 def step_seed(seed: int, step: int) -> int:
     """The seed of one training step."""
     return (seed * 1_000_003 + step) % (2**63 - 1)
+
+
+def sample_seeds(seed: int, step: int, first: int, count: int) -> list[int]:
+    """The augmentation seeds of samples first, ..., first + count - 1 of one step's global batch."""
+    base = step_seed(seed, step) * 1_000_033
+    return [(base + first + i) % (2**63 - 1) for i in range(count)]
+
+
+def dropout_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of torch's global RNG (LoRA dropout) for one step on one rank: deterministic, but
+    not the same masks as one process draws over the whole batch."""
+    return (step_seed(seed, step) + rank * 1_000_000_007) % (2**63 - 1)
 
 
 def steps_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> int:
@@ -168,20 +186,24 @@ class Trainer:
         return None if self.run_dir is None else self.run_dir / self.checkpoint_name
 
     def save_checkpoint(self) -> Path | None:
-        """Write trainable weights, optimiser, schedule, step and RNG states atomically."""
+        """Write trainable weights, optimiser, schedule, step and RNG states atomically (rank 0; the
+        other ranks, whose state is the same, wait until it is written)."""
         path = self.checkpoint_path
         if path is None:
             return None
-        state = {
-            "fingerprint": self.fingerprint,
-            "step": self.step,
-            "trainable": _trainable_state(self.module),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": rng_state(),
-        }
-        return atomic_write(path, lambda tmp: torch.save(state, tmp))
+        with dist.main_writes() as writer:
+            if writer:
+                state = {
+                    "fingerprint": self.fingerprint,
+                    "step": self.step,
+                    "trainable": _trainable_state(self.module),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "rng": rng_state(),
+                }
+                atomic_write(path, lambda tmp: torch.save(state, tmp))
+        return path
 
     def try_resume(self) -> int:
         """Load the run's checkpoint if there is one; returns the step training resumes at."""
@@ -211,39 +233,44 @@ class Trainer:
     # -- training ----------------------------------------------------------------------
     def fit(
         self,
-        batches: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]],
-        prepare: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+        batches: Callable[[int], Iterator[tuple]],
+        prepare: Callable[[torch.Tensor, list[int]], torch.Tensor],
         log: Callable[[dict], None] | None = None,
         desc: str = "train",
     ) -> TrainStats:
         """Train from the current step to total_steps.
 
-        `batches(start)` yields (inputs, labels) for steps start, start+1, ...;
-        `prepare(inputs_on_device, generator)` turns them into model inputs (augmentation).
+        `batches(start)` yields, for steps start, start+1, ..., either the global batch
+        ``(inputs, labels)`` (each rank then takes its slice) or this rank's slice of it
+        ``(inputs, labels, Shard)``; `prepare(inputs_on_device, sample_seeds)` turns them into model
+        inputs (augmentation seeded per sample).
         """
         s = self.s
         start = self.step
         images, loss_value = 0, float("nan")
         self.module.train()
         freeze_batchnorm(self.module)
-        progress = tqdm(total=s.total_steps, initial=start, desc=desc, unit="step", leave=False)
+        forward = self._forward_module()
+        progress = tqdm(total=s.total_steps, initial=start, desc=desc, unit="step", leave=False,
+                        **dist.quiet_unless_main())
         t0 = time.perf_counter()
         with _catch_signals() as received:
-            for inputs, labels in batches(start):
+            for item in batches(start):
                 if self.step >= s.total_steps:
                     break
-                loss_value = self._one_step(inputs, labels, prepare)
-                images += len(labels)
+                inputs, labels, shard = _local_part(item)
+                loss_value, stop = self._one_step(forward, inputs, labels, shard, prepare, received)
+                images += shard.total
                 self.step += 1
                 progress.update(1)
                 if self.step % s.log_every == 0 or self.step == s.total_steps:
                     progress.set_postfix(loss=f"{loss_value:.4f}")
                     if log is not None:
                         log({"train/loss": loss_value, "train/lr": self.scheduler.get_last_lr()[0]}, self.step)
-                if received:
+                if stop:  # every rank agrees on the step, so they all stop together
                     path = self.save_checkpoint()
                     progress.close()
-                    raise TrainingInterrupted(self.step, received[0], path)
+                    raise TrainingInterrupted(self.step, received[0] if received else signal.SIGTERM, path)
                 if s.checkpoint_every > 0 and self.step % s.checkpoint_every == 0 and self.step < s.total_steps:
                     self.save_checkpoint()
         progress.close()
@@ -252,21 +279,42 @@ class Trainer:
         seconds = time.perf_counter() - t0
         return TrainStats(self.step - start, images, seconds, loss_value, start)
 
-    def _one_step(self, inputs, labels, prepare) -> float:
+    def _forward_module(self) -> nn.Module:
+        """The module itself, or under torchrun a DistributedDataParallel wrapper that averages gradients."""
+        if not dist.active():
+            return self.module
+        device = self.s.device
+        return DistributedDataParallel(
+            self.module, device_ids=[device.index] if device.type == "cuda" else None,
+            forward_sync_buffers=False,  # buffers are frozen (normalisation statistics stay fixed)
+            # the same parameters take part in every step; parameters that never do (a text tower that
+            # requires grad while images are trained) keep no gradient, as in one process
+            static_graph=True,
+        )
+
+    def _one_step(self, forward: nn.Module, inputs, labels, shard: Shard, prepare, received: list[int]
+                  ) -> tuple[float, bool]:
+        """One optimiser step; returns the loss over the global batch and whether any rank has received a
+        signal (one all-reduce carries both, so that all ranks stop after the same step)."""
         s = self.s
-        seed = step_seed(s.seed, self.step)
-        torch.manual_seed(seed)  # dropout of this step; also seeds CUDA
-        generator = torch.Generator().manual_seed(seed)
-        inputs = prepare(inputs.to(s.device, non_blocking=True), generator)
+        torch.manual_seed(dropout_seed(s.seed, self.step, dist.rank()))  # dropout of this step; also seeds CUDA
+        seeds = sample_seeds(s.seed, self.step, shard.first, len(labels))
+        inputs = prepare(inputs.to(s.device, non_blocking=True), seeds)
         labels = labels.to(s.device, non_blocking=True)
         with autocast(s.device, s.precision):
-            logits = self.module(inputs)
-        loss = self.loss_fn(logits.float(), labels)
-        if self.extra_loss is not None:
-            loss = loss + self.extra_loss(self.module)
-        if not torch.isfinite(loss):
+            logits = forward(inputs)
+        task = self.loss_fn(logits.float(), labels)
+        # DDP averages gradients over N ranks; weighting each slice's mean by N x its share of the
+        # global batch makes that average the mean over the global batch, partial batches included.
+        loss = task * (shard.weight * dist.world_size())
+        extra = self.extra_loss(self.module) if self.extra_loss is not None else None
+        if extra is not None:
+            loss = loss + extra  # the same on every rank, so its average is itself
+        reported = task.detach() * shard.weight + (0.0 if extra is None else extra.detach() / dist.world_size())
+        loss_value, signalled = dist.all_sum([reported.item(), float(bool(received))])
+        if not math.isfinite(loss_value):
             raise TrainingDiverged(
-                f"the loss became {loss.item()} at step {self.step + 1}: lower the learning rate "
+                f"the loss became {loss_value} at step {self.step + 1}: lower the learning rate "
                 f"(--lr {s.lr:g} now) or use --precision fp32"
             )
         self.optimizer.zero_grad(set_to_none=True)
@@ -274,10 +322,44 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return loss.item()
+        return loss_value, signalled > 0
+
+
+def _local_part(item: tuple) -> tuple[torch.Tensor, torch.Tensor, Shard]:
+    """(inputs, labels, Shard) of this rank from a global batch or an already sliced one."""
+    if len(item) == 3:
+        return item
+    inputs, labels = item
+    shard = dist.shard_batch(range(len(labels)))
+    if shard.count == len(labels):
+        return inputs, labels, shard
+    ids = torch.as_tensor(shard.indices)
+    return inputs[ids], labels[ids], shard
 
 
 @torch.no_grad()
+def collect_batches(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    module: nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    prepare: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+    precision: str,
+    total: int | None = None,
+    desc: str = "eval",
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run `fn` (a forward of `module`, which is put in eval mode) over batches; per batch, float32
+    outputs and labels on the CPU."""
+    module.eval()
+    out = []
+    for inputs, labels in tqdm(batches, total=total, desc=desc, unit="batch", leave=False,
+                               **dist.quiet_unless_main()):
+        with autocast(device, precision):
+            outputs = fn(prepare(inputs.to(device)))
+        out.append((outputs.float().cpu(), torch.as_tensor(labels)))
+    return out
+
+
 def collect_outputs(
     fn: Callable[[torch.Tensor], torch.Tensor],
     module: nn.Module,
@@ -288,15 +370,9 @@ def collect_outputs(
     total: int | None = None,
     desc: str = "eval",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run `fn` (a forward of `module`, which is put in eval mode) over batches; float32 outputs and labels."""
-    module.eval()
-    outputs, targets = [], []
-    for inputs, labels in tqdm(batches, total=total, desc=desc, unit="batch", leave=False):
-        with autocast(device, precision):
-            out = fn(prepare(inputs.to(device)))
-        outputs.append(out.float().cpu())
-        targets.append(torch.as_tensor(labels))
-    return torch.cat(outputs), torch.cat(targets)
+    """collect_batches concatenated: float32 outputs and labels of every batch."""
+    per_batch = collect_batches(fn, module, batches, prepare, device, precision, total, desc)
+    return torch.cat([o for o, _ in per_batch]), torch.cat([y for _, y in per_batch])
 
 
 def predict(module: nn.Module, batches, prepare, device, precision, total=None, desc="eval"):
