@@ -9,6 +9,7 @@ usage: bash launch_run.sh --experiment {1,2,3} --datasets "D ..." --models "M ..
   --experiment 1|2|3   1 = linear head (main.py); 2 = LoRA few-shot; 3 = LoRA on a percentage (main_lora.py)
   --datasets "..."     e.g. "sipakmed mlcc bcfc hicervix"
   --models "..."       e.g. "clip quilt biomedclip uni vit_google"
+  --methods "..."      e.g. "linear knn lora" (default: the experiment's method, else lora)
   --shots "..."        experiments 1-2 (default "1 2 4 8 16"; -1 = all images)
   --percentages "..."  experiment 3 (default "1 10 50 100")
   --seeds "..."        default "1 2 3"
@@ -18,12 +19,23 @@ usage: bash launch_run.sh --experiment {1,2,3} --datasets "D ..." --models "M ..
   --root_path R  --output_dir O (default results)  --n_iters N
   --extra "..."        flags for every run, e.g. "--params pw --r 4" or "--textual True"
   --dry_run            print the pending commands
+  --estimate           print the runs (to run and finished), their training steps and images, and the
+                       wall time they would take here, then exit without running anything; the time
+                       comes from one timed training step (after a warm-up step) per model, method and
+                       batch size on this machine's device (with --gpus: also divided among the GPUs)
+  --step_seconds S     with --estimate: S seconds per training step on images, and nothing is timed
+                       (steps on cached features, feature extraction and evaluation are then not counted)
   --gpus "0 1"         one local worker per GPU
   --slurm              write <output_dir>/sweeps/<time>/sweep.sbatch and submit it if sbatch exists
                        (--sbatch "--partition=gpu --time=04:00:00", --max_parallel N)
+  --nodes M --gpus_per_node N
+                       with --slurm: each run on M nodes x N GPUs (one torchrun per node, data-parallel);
+                       near the time limit it checkpoints and requeues itself
 
 Finished runs (a results.json in their folder) are skipped, so rerunning resumes a sweep.
-Each run logs to <run folder>.log. Summarise with: python -m utils.report <output_dir>
+Each run logs to <run folder>.log, one line per progress update; a rerun appends to it after a
+"# ---- resumed" line. Failed runs are listed at the end with their last error line.
+Summarise with: python -m utils.report <output_dir>
 EOF
 }
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+HERLEV = SHARED_DATA / "herlev"
 
 
 def pytest_configure(config):
@@ -82,6 +83,25 @@ def folder_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def hicervix_root(tmp_path_factory) -> Path:
     return make_hicervix(tmp_path_factory.mktemp("hicervix_data"))
+
+
+@pytest.fixture(scope="session")
+def herlev_prepared(tmp_path_factory) -> tuple[Path, str]:
+    """The real Herlev cells prepared once per session as a folder dataset, split by source image (its
+    manifest.csv, found by prepare itself) with seed 0: the root and what prepare said on stderr."""
+    import contextlib
+    import io
+
+    from datasets.__main__ import main as datasets_main
+
+    if not (HERLEV / "manifest.csv").is_file():
+        pytest.skip(f"real data not present: {HERLEV} is absent (team data in ../shared/data)")
+    dst = tmp_path_factory.mktemp("herlev") / "data"
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = datasets_main(["prepare", "folder", "--src", str(HERLEV), "--dst", str(dst), "--seed", "0", "--json"])
+    assert code == 0, err.getvalue()
+    return dst, err.getvalue()
 
 
 def run_entry(script: str, *args: str):

@@ -131,14 +131,9 @@ def test_bad_maps_name_the_class(mlcc_root: Path, mapping: str, culprit: str) ->
 
 
 @pytest.fixture(scope="module")
-def herlev_root(tmp_path_factory) -> tuple[Path, str]:
-    """Herlev prepared as a folder dataset (grouped by source image from its manifest.csv)."""
-    if not (HERLEV / "manifest.csv").is_file():
-        pytest.skip(f"Herlev images not found at {HERLEV} (team data in ../shared/data)")
-    dst = tmp_path_factory.mktemp("herlev") / "data"
-    code, _, stderr = run_in_process("prepare", "folder", "--src", str(HERLEV), "--dst", str(dst), "--json")
-    assert code == 0, stderr
-    return dst, stderr
+def herlev_root(herlev_prepared) -> tuple[Path, str]:
+    """Herlev prepared as a folder dataset (grouped by source image from its manifest.csv), once per session."""
+    return herlev_prepared
 
 
 def test_herlev_seven_classes_become_normal_and_abnormal(herlev_root) -> None:

@@ -1,4 +1,8 @@
-"""The sweep launcher: grid expansion, resumability, failures, GPU workers, SLURM scripts, dry runs."""
+"""The sweep launcher: grid expansion, resumability, failures, logs, GPU workers, SLURM scripts, dry runs.
+
+Most tests call ``sweep.main`` in-process; a few run ``bash launch_run.sh`` for real (the wrapper,
+exit codes, no traceback, one real run end to end).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,13 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -27,6 +32,14 @@ def launch(*args: str, env: dict | None = None, timeout: int = 120) -> subproces
     """bash launch_run.sh ARGS, from a folder other than the repository."""
     return subprocess.run(["bash", str(LAUNCH), *args], check=False, capture_output=True, text=True,
                           timeout=timeout, env=env, cwd="/")
+
+
+def sweep_main(capsys, *args: str) -> SimpleNamespace:
+    """sweep.main(ARGS) in-process, as launch() would run it: exit code, stdout and stderr."""
+    capsys.readouterr()
+    code = sweep.main(list(args))
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
 
 
 def record(config: RunConfig) -> dict:
@@ -78,9 +91,9 @@ def fake_execute(monkeypatch):
     return calls, behaviour
 
 
-def test_dry_run_prints_every_pending_command(tmp_path):
-    done = launch(*grid(tmp_path, "--weights", "pretrained random", "--extra", "--params 'v q' --r 4"),
-                  "--dry_run")
+def test_dry_run_prints_every_pending_command(tmp_path, capsys):
+    done = sweep_main(capsys, *grid(tmp_path, "--weights", "pretrained random", "--extra", "--params 'v q' --r 4"),
+                      "--dry_run")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert lines[0].startswith("# 8 combinations: 8 to run, 0 already finished")
@@ -100,17 +113,17 @@ def test_dry_run_prints_every_pending_command(tmp_path):
     assert not (tmp_path / "exp2").exists()  # a dry run starts nothing and writes nothing
 
 
-def test_dry_run_experiment_1_and_3(tmp_path):
-    done = launch("--experiment", "3", "--datasets", "hicervix", "--level", "level_3",
-                  "--models", "tiny_clip", "--percentages", "10 50", "--seeds", "1", "--lrs", "1e-3",
-                  "--output_dir", str(tmp_path), "--dry_run")
+def test_dry_run_experiment_1_and_3(tmp_path, capsys):
+    done = sweep_main(capsys, "--experiment", "3", "--datasets", "hicervix", "--level", "level_3",
+                      "--models", "tiny_clip", "--percentages", "10 50", "--seeds", "1", "--lrs", "1e-3",
+                      "--output_dir", str(tmp_path), "--dry_run")
     assert done.returncode == 0, done.stderr
     commands = done.stdout.strip().splitlines()[1:]
     assert [("--shots 0 " in c and "--lr 1e-3" in c, "--pourcentage" in c, "--level level_3" in c)
             for c in commands] == [(True, True, True)] * 2
     assert "hicervix-level_3/tiny_clip/lora-qkvo-r16-all-vision/pct10/lr0.001/seed1-" in commands[0]
-    done = launch("--experiment", "1", "--datasets", "demo", "--models", "tiny_clip", "--shots", "-1",
-                  "--seeds", "1", "--extra", "--textual True", "--output_dir", str(tmp_path), "--dry_run")
+    done = sweep_main(capsys, "--experiment", "1", "--datasets", "demo", "--models", "tiny_clip", "--shots", "-1",
+                      "--seeds", "1", "--extra", "--textual True", "--output_dir", str(tmp_path), "--dry_run")
     (command,) = done.stdout.strip().splitlines()[1:]
     assert command.startswith("python main.py ")
     assert "/exp1/demo/tiny_clip/linear-textual/shotsall/" in command
@@ -163,32 +176,148 @@ def test_gpu_workers_share_one_queue(tmp_path, fake_execute):
     assert {env["CUDA_VISIBLE_DEVICES"] for _, env in calls} == {"0", "1"}
 
 
-def test_real_processes_log_stdout_and_stderr(tmp_path, monkeypatch):
-    """execute() for real, with a stand-in entry point that finishes even seeds and fails odd ones."""
-    fake_repo = tmp_path / "repo"
-    fake_repo.mkdir()
-    (fake_repo / "main_lora.py").write_text(textwrap.dedent("""
-        import json, sys
-        from utils.cli import parse_config
-        from utils.config import run_dir
-        c = parse_config(sys.argv[1:], "lora")
-        print("hello from stdout")
-        if c.seed % 2:
-            sys.exit("odd seed: failing on purpose")
-        run_dir(c).mkdir(parents=True)
-        metrics = {"balanced_accuracy": 0.5}
-        (run_dir(c) / "results.json").write_text(json.dumps({"schema_version": 2, "config": c.to_dict(),
-            "method": c.method, "metrics": {"val": metrics, "test": metrics}}))
-    """))
-    monkeypatch.setattr(sweep, "REPO_ROOT", fake_repo)
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
+STAND_IN = """
+import json, os, sys
+from pathlib import Path
+FOLDERS, RECORDS = json.loads({folders!r}), json.loads({records!r})
+argv = sys.argv[1:]
+key = argv[argv.index("--shots") + 1] + "," + argv[argv.index("--seed") + 1]
+folder = Path(FOLDERS[key])
+print("hello from stdout", flush=True)
+bar = "train lora:   0%|  | 0/2\\rtrain lora:  50%|# | 1/2\\rtrain lora: 100%|##| 2/2\\r" + " " * 30 + "\\r"
+sys.stderr.write(bar)
+sys.stderr.flush()
+if key == "1,1" and not os.environ.get("STAND_IN_FIXED"):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "checkpoint.pt").write_text("a checkpoint")
+    print("error: odd seed: failing on purpose", file=sys.stderr)
+    print("a later line that is not the error", file=sys.stderr)
+    sys.exit(2)
+if key == "2,1" and not os.environ.get("STAND_IN_FIXED"):
+    raise ValueError("boom")
+folder.mkdir(parents=True, exist_ok=True)
+(folder / "results.json").write_text(json.dumps(RECORDS[key]))
+"""
+
+
+def _stand_in_repo(tmp_path: Path, out: Path) -> Path:
+    """A repository whose main_lora.py is plain Python (no torch to import, so it starts in milliseconds):
+    it finds its run folder in a table made here, prints, draws a progress bar with carriage returns,
+    then finishes, fails with an 'error:' line (shots 1, seed 1, after saving a checkpoint) or crashes
+    with a traceback (shots 2, seed 1) until STAND_IN_FIXED is set."""
+    folders, records = {}, {}
+    for shots in (1, 2):
+        for seed in (1, 2):
+            c = config(out, shots, seed)
+            folders[f"{shots},{seed}"] = str(run_dir(c))
+            records[f"{shots},{seed}"] = record(c)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "main_lora.py").write_text(STAND_IN.format(folders=json.dumps(folders), records=json.dumps(records)))
+    return repo
+
+
+def test_real_processes_log_one_line_per_update_and_resumed_runs_append(tmp_path, monkeypatch, capsys):
+    """execute() for real: stdout and stderr in the log, carriage returns as lines, the failures quoted in
+    the summary, and a rerun appended to the same log after a line saying it resumed."""
     out = tmp_path / "out"
-    assert sweep.main(grid(out)) == 1
-    odd = run_dir(config(out, 2, 1))
-    log = Path(f"{odd}.log").read_text()
-    assert "hello from stdout" in log and "odd seed: failing on purpose" in log
-    assert not odd.exists() and (run_dir(config(out, 2, 2)) / "results.json").is_file()
-    assert sweep.main(grid(out, "--seeds", "2")) == 0
+    monkeypatch.setattr(sweep, "REPO_ROOT", _stand_in_repo(tmp_path, out))
+    done = sweep_main(capsys, *grid(out))
+    assert done.returncode == 1 and "ran 4, skipped 0 (already finished), failed 2" in done.stdout
+    failed, crashed = run_dir(config(out, 1, 1)), run_dir(config(out, 2, 1))
+    log = Path(f"{failed}.log").read_bytes().decode()
+    assert "\r" not in log
+    lines = log.splitlines()
+    assert lines[0].startswith("# ") and "main_lora.py --method lora" in lines[0]
+    assert "hello from stdout" in lines and "error: odd seed: failing on purpose" in lines
+    bar = ["train lora:   0%|  | 0/2", "train lora:  50%|# | 1/2", "train lora: 100%|##| 2/2"]
+    assert lines[lines.index(bar[0]):lines.index(bar[0]) + 3] == bar  # one line per update, no blank redraw
+    # the summary quotes each failed run: its last 'error:' line, else the last line it printed
+    summary = done.stdout[done.stdout.index("sweep: 4 combinations"):].splitlines()
+    at = summary.index(f"  FAILED {failed} (exit 2); log: {failed}.log")
+    assert summary[at + 1] == "    error: odd seed: failing on purpose"
+    at = summary.index(f"  FAILED {crashed} (exit 1); log: {crashed}.log")
+    assert summary[at + 1] == "    ValueError: boom"
+    assert "Traceback" in Path(f"{crashed}.log").read_text()
+    assert (run_dir(config(out, 2, 2)) / "results.json").is_file() and not crashed.exists()
+
+    monkeypatch.setenv("STAND_IN_FIXED", "1")
+    again = sweep_main(capsys, *grid(out))
+    assert again.returncode == 0 and "4 combinations: 2 to run, 2 already finished" in again.stdout
+    log = Path(f"{failed}.log").read_text().splitlines()
+    resumed = [i for i, line in enumerate(log) if line.startswith("# ---- resumed ")]
+    assert len(resumed) == 1 and "from its checkpoint; earlier attempts above" in log[resumed[0]]
+    assert log.index("error: odd seed: failing on purpose") < resumed[0]  # the first attempt is kept
+    assert log.count("hello from stdout") == 2
+    crashed_log = Path(f"{crashed}.log").read_text()
+    assert "from the start (no checkpoint was saved)" in crashed_log and "ValueError: boom" in crashed_log
+
+
+TRAPS_CTRL_C = """
+import signal, sys, time
+def save_and_stop(signum, frame):
+    print("saving a checkpoint", flush=True)
+    time.sleep(0.5)
+    print("checkpoint saved", flush=True)
+    sys.exit(130)
+signal.signal(signal.SIGINT, save_and_stop)
+print("started", flush=True)
+time.sleep(60)
+"""
+
+DRIVER = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from utils import sweep
+sweep.REPO_ROOT = Path({fake!r})
+sys.exit(sweep.main({args!r}))
+"""
+
+
+def test_ctrl_c_lets_the_run_save_its_checkpoint_and_log_it(tmp_path):
+    """Ctrl-C reaches the sweep and its run: the sweep waits for the run to save its checkpoint, the log
+    keeps what the run said, and the sweep exits 130."""
+    fake = tmp_path / "repo"
+    fake.mkdir()
+    (fake / "main_lora.py").write_text(TRAPS_CTRL_C)
+    out = tmp_path / "out"
+    args = grid(out, "--shots", "1", "--seeds", "1")
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER.format(repo=str(REPO), fake=str(fake), args=args)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = Path(f"{run_dir(config(out, 1, 1))}.log")
+    deadline = time.monotonic() + 60
+    while not (log.is_file() and "started" in log.read_text()):
+        assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    stdout, stderr = driver.communicate(timeout=60)
+    assert driver.returncode == 130, stdout + stderr
+    assert "interrupted; rerun the same command to resume" in stderr and "Traceback" not in stderr
+    lines = log.read_text().splitlines()
+    assert lines[-3:] == ["started", "saving a checkpoint", "checkpoint saved"]
+
+
+def test_log_lines_split_carriage_returns_across_reads(tmp_path):
+    path = tmp_path / "log"
+    with open(path, "wb") as handle:
+        lines = sweep.LogLines(handle)
+        # '\r\n' split across reads is one line end; a redraw of blanks (a closed bar) is dropped
+        for chunk in (b"a 1\r", b"\nb", b" 2\rb 3\r", b"   \r", b"\n", b"\nlast without newline"):
+            lines.feed(chunk)
+        lines.close()
+    assert path.read_bytes() == b"a 1\nb 2\nb 3\n\nlast without newline\n"
+
+
+def test_last_error_line_prefers_error_lines(tmp_path):
+    log = tmp_path / "run.log"
+    log.write_text("# python main.py\nerror: first\nsome output\nerror: second\nmore output\n\n")
+    assert sweep.last_error_line(log) == "error: second"
+    start = len(log.read_bytes())
+    with open(log, "a") as handle:
+        handle.write("# ---- resumed\nTraceback (most recent call last):\nKeyError: 'x'\n")
+    assert sweep.last_error_line(log, start) == "KeyError: 'x'"  # only the attempt after `start`
+    assert sweep.last_error_line(tmp_path / "absent.log") is None
 
 
 def _path_without_sbatch(tmp_path: Path) -> str:
@@ -204,11 +333,11 @@ def _path_without_sbatch(tmp_path: Path) -> str:
     return str(keep)
 
 
-def test_slurm_script_without_sbatch(tmp_path):
+def test_slurm_script_without_sbatch(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     finish(config(out, 1, 1))
-    env = {**os.environ, "PATH": _path_without_sbatch(tmp_path)}
-    done = launch(*grid(out), "--slurm", "--sbatch", "--partition=gpu --time=01:00:00", env=env)
+    monkeypatch.setenv("PATH", _path_without_sbatch(tmp_path))
+    done = sweep_main(capsys, *grid(out), "--slurm", "--sbatch", "--partition=gpu --time=01:00:00")
     assert done.returncode == 0, done.stderr
     (folder,) = (out / "sweeps").iterdir()
     script = (folder / "sweep.sbatch").read_text()
@@ -226,13 +355,14 @@ def test_slurm_script_without_sbatch(tmp_path):
     assert (folder / "logs").is_dir()
 
 
-def test_slurm_submits_when_sbatch_exists(tmp_path):
+def test_slurm_submits_when_sbatch_exists(tmp_path, monkeypatch, capsys):
     bin_dir = Path(_path_without_sbatch(tmp_path))
     record = tmp_path / "sbatch_args"
     (bin_dir / "sbatch").write_text(f'#!/bin/bash\necho "$@" > {record}\necho "Submitted batch job 42"\n')
     (bin_dir / "sbatch").chmod(0o755)
     out = tmp_path / "out"
-    done = launch(*grid(out), "--slurm", "--max_parallel", "2", env={**os.environ, "PATH": str(bin_dir)})
+    monkeypatch.setenv("PATH", str(bin_dir))
+    done = sweep_main(capsys, *grid(out), "--slurm", "--max_parallel", "2")
     assert done.returncode == 0, done.stderr
     assert "Submitted batch job 42" in done.stdout
     (script,) = (out / "sweeps").glob("*/sweep.sbatch")
@@ -240,7 +370,7 @@ def test_slurm_submits_when_sbatch_exists(tmp_path):
     assert "#SBATCH --array=0-3%2" in script.read_text()
 
 
-@pytest.mark.parametrize("args, culprit", [
+MISTAKES = [
     (["--shots", "0"], "--shots"),
     (["--percentages", "10"], "--percentages"),
     (["--extra", "--seed 3"], "--seed"),
@@ -249,24 +379,50 @@ def test_slurm_submits_when_sbatch_exists(tmp_path):
     (["--seeds", "1 1"], "share the run folder"),
     (["--experiment", "4"], "--experiment"),
     (["--root_path", "/no/such/folder"], "/no/such/folder"),
-])
-def test_mistakes_exit_2_with_one_line(tmp_path, args, culprit):
-    base = grid(tmp_path)
-    for flag, value in zip(args[::2], args[1::2], strict=True):
-        if flag in base:
+    (["--step_seconds", "2"], "--step_seconds goes with --estimate"),
+    (["--estimate", "--step_seconds", "0"], "--step_seconds must be positive"),
+]
+
+
+def _with(base: list[str], args: list[str]) -> list[str]:
+    """`base` with each flag of `args` set (replaced where present, added otherwise)."""
+    base = list(base)
+    i = 0
+    while i < len(args):
+        flag, value = args[i], (args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else None)
+        if flag in base and value is not None:
             base[base.index(flag) + 1] = value
         else:
-            base += [flag, value]
-    done = launch(*base, "--dry_run")
+            base += [flag] + ([value] if value is not None else [])
+        i += 2 if value is not None else 1
+    return base
+
+
+@pytest.mark.parametrize("args, culprit", MISTAKES)
+def test_mistakes_exit_2_with_one_line(tmp_path, capsys, args, culprit):
+    done = sweep_main(capsys, *_with(grid(tmp_path), args), *([] if "--estimate" in args else ["--dry_run"]))
     assert done.returncode == 2
-    assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and culprit in lines[0]
+
+
+def test_a_mistake_through_bash_exits_2_with_one_line_and_no_traceback(tmp_path):
+    done = launch(*_with(grid(tmp_path), ["--extra", "--params qz"]), "--dry_run")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "'qz'" in lines[0]
 
 
 def test_launch_without_arguments_prints_usage():
     done = launch()
     assert done.returncode == 2 and "usage: bash launch_run.sh" in done.stderr
+
+
+def test_launch_help_documents_every_mode():
+    done = launch("--help")
+    assert done.returncode == 0
+    for option in ("--dry_run", "--gpus", "--slurm", "--estimate", "--step_seconds"):
+        assert option in done.stdout
 
 
 def _write_fixture(root: Path) -> None:
@@ -284,35 +440,69 @@ def _write_fixture(root: Path) -> None:
                 image.save(root / split / f"{cls}_{n}.png")
 
 
-@pytest.mark.skipif(not (REPO / "main.py").exists(), reason="entry points not present")
-def test_end_to_end_sweep_then_rerun_then_report(tmp_path):
-    root, out = tmp_path / "data", tmp_path / "out"
+@pytest.fixture(scope="module")
+def two_class_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("two_classes") / "data"
     _write_fixture(root)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CYTOLORA_CACHE": str(tmp_path / "cache")}
-    args = ["--experiment", "2", "--datasets", "folder", "--root_path", str(root), "--models", "tiny_clip",
-            "--shots", "1 2", "--seeds", "1 2", "--n_iters", "2", "--output_dir", str(out),
-            "--extra", "--device cpu --batch_size 4 --num_workers 0"]
-    done = launch(*args, env=env, timeout=600)
+    return root
+
+
+def _end_to_end_args(root: Path, out: Path, shots: str = "1 2", seeds: str = "1 2") -> list[str]:
+    return ["--experiment", "2", "--datasets", "folder", "--root_path", str(root), "--models", "tiny_clip",
+            "--shots", shots, "--seeds", seeds, "--n_iters", "2", "--output_dir", str(out),
+            "--extra", "--device cpu --batch_size 4 --num_workers 0 --warmup_steps 1"]
+
+
+def _execute_in_process(job: sweep.Job, env: dict) -> int:
+    """execute() with the real entry point called in-process (no interpreter to start), its output logged."""
+    from tests.conftest import run_entry
+
+    done = run_entry(job.args[0], *job.args[1:])
+    job.log.parent.mkdir(parents=True, exist_ok=True)
+    job.log.write_text(done.stdout + done.stderr)
+    return done.returncode
+
+
+def test_end_to_end_sweep_then_rerun_then_report(tmp_path, two_class_root, monkeypatch, capsys):
+    """The real entry points write where the sweep looks; a rerun skips them all; the report reads them."""
+    from utils.report import main as report_main
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(sweep, "execute", _execute_in_process)
+    args = _end_to_end_args(two_class_root, out)
+    done = sweep_main(capsys, *args)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ran 4, skipped 0 (already finished), failed 0" in done.stdout
     assert len(list((out / "exp2").rglob("results.json"))) == 4
+    monkeypatch.setattr(sweep, "execute", lambda job, env: pytest.fail(f"{job.label} started again"))
     start = time.perf_counter()
-    again = launch(*args, env=env)
+    again = sweep_main(capsys, *args)
     assert again.returncode == 0 and "4 combinations: 0 to run, 4 already finished" in again.stdout
     assert time.perf_counter() - start < 10
-    report = subprocess.run([sys.executable, "-m", "utils.report", str(out), "--no_plots"], check=False,
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert report.returncode == 0, report.stderr
+    assert report_main([str(out), "--no_plots"]) == 0
     with open(out / "report" / "summary.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     got = sorted((r["shots"], r["n_seeds"], r["seeds"]) for r in rows)
     assert got == [("1", "2", "1;2"), ("2", "2", "1;2")]
 
 
-def test_methods_run_on_the_same_grid_each_from_its_entry_point_with_only_its_flags(tmp_path):
-    done = launch("--methods", "linear knn lora", "--datasets", "demo", "--models", "tiny_clip", "--shots", "2",
-                  "--seeds", "1", "--output_dir", str(tmp_path), "--extra", "--r 4 --k 3 --batch_size 4",
-                  "--dry_run")
+def test_a_real_run_through_bash(tmp_path, two_class_root):
+    """bash launch_run.sh from another folder starts the real entry point in its own process; its log,
+    progress bars included, holds no carriage return."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    done = launch(*_end_to_end_args(two_class_root, out, "1", "1"), env=env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ran 1, skipped 0 (already finished), failed 0" in done.stdout
+    (results,) = (out / "exp2").rglob("results.json")
+    log = Path(f"{results.parent}.log").read_bytes()
+    assert b"\r" not in log and b"results: " in log and b"train lora" in log
+
+
+def test_methods_run_on_the_same_grid_each_from_its_entry_point_with_only_its_flags(tmp_path, capsys):
+    done = sweep_main(capsys, "--methods", "linear knn lora", "--datasets", "demo", "--models", "tiny_clip",
+                      "--shots", "2", "--seeds", "1", "--output_dir", str(tmp_path), "--extra",
+                      "--r 4 --k 3 --batch_size 4", "--dry_run")
     assert done.returncode == 0, done.stderr
     commands = done.stdout.strip().splitlines()[1:]
     by_method = {c.split("--method ")[1].split()[0]: c for c in commands}

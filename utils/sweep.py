@@ -9,7 +9,11 @@ pending commands (--dry_run), runs them here (sequentially, or one worker per GP
 
 ``--experiment N`` applies the paper's preset N to every run; ``--methods "linear knn lora"``
 runs several methods on the same splits, each from the entry point its method belongs to,
-and ``--extra`` flags reach only the methods that take them.
+and ``--extra`` flags reach only the methods that take them. ``--estimate`` prints the cost of
+the pending runs instead of running them (see utils/estimate.py).
+
+Each run's output goes to ``<run folder>.log``: one line per progress update (carriage returns
+end lines), appended to across reruns with a line saying where a rerun starts.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import datetime as dt
 import os
 import queue
+import re
 import shlex
 import shutil
 import subprocess
@@ -88,6 +93,7 @@ class Outcome:
     returncode: int
     seconds: float
     message: str = ""
+    last_error: str | None = None  # its last 'error:' line (else its last line) in this attempt's log
 
     @property
     def ok(self) -> bool:
@@ -123,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--gpus", default=None, help='one local worker per listed GPU, e.g. "0 1"')
     p.add_argument("--sbatch", default="", help='#SBATCH options, e.g. "--partition=gpu --time=4:00:00"')
     p.add_argument("--max_parallel", type=int, default=None, help="SLURM: at most this many tasks at once")
+    p.add_argument("--nodes", type=_positive, default=1,
+                   help="SLURM: nodes per run; with --gpus_per_node, each run is one torchrun per node")
+    p.add_argument("--gpus_per_node", type=_positive, default=1, help="SLURM: GPUs (processes) per node and run")
+    p.add_argument("--estimate", action="store_true",
+                   help="print the runs, training steps, images and an estimated wall time, then exit without "
+                        "running anything (times one training step per model, method and batch size here)")
+    p.add_argument("--step_seconds", type=float, default=None,
+                   help="with --estimate: seconds of one training step on images, instead of timing one")
     return p
 
 
@@ -286,16 +300,118 @@ def _refuse_collisions(jobs: list[Job]) -> None:
         seen[job.folder] = job
 
 
+# Progress bars redraw in place with carriage returns; in a log each redraw becomes a line, so
+# children redraw at most this often (seconds) unless the user chose otherwise.
+LOG_PROGRESS_INTERVAL = "10"
+_LINE_END = re.compile(rb"(\r\n|\r|\n)")
+
+
+class LogLines:
+    """A child's output as log lines: every carriage return (a progress bar's redraw) ends a line.
+
+    The log then holds no '\r', and ``tail``, ``less`` and ``grep`` show one line per update.
+    Redraws that only blank the line (a closing progress bar) are dropped.
+    """
+
+    def __init__(self, handle: typing.BinaryIO):
+        self.handle = handle
+        self._pending = b""
+        self._after_cr = False
+
+    def feed(self, data: bytes) -> None:
+        if self._after_cr and data.startswith(b"\n"):
+            data = data[1:]  # the '\n' of a '\r\n' split across two reads
+        self._after_cr = data.endswith(b"\r")
+        parts = _LINE_END.split(self._pending + data)
+        self._pending = parts.pop()
+        for text, end in zip(parts[::2], parts[1::2], strict=True):
+            if end == b"\r" and not text.strip():
+                continue
+            self.handle.write(text + b"\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        if self._pending.strip():
+            self.handle.write(self._pending + b"\n")
+        self._pending = b""
+        self.handle.flush()
+
+
+def copy_lines(source: typing.BinaryIO, target: typing.BinaryIO) -> None:
+    """Copy a stream into a log as LogLines until the stream ends."""
+    lines = LogLines(target)
+    try:
+        while chunk := os.read(source.fileno(), 65536):
+            lines.feed(chunk)
+    finally:
+        lines.close()
+
+
+# The process between a run and its log: it outlives the sweep (a run whose sweep is stopped or killed
+# still logs to the end) and ignores the terminal's Ctrl-C (the run gets it, saves its checkpoint and
+# says so through it).
+_LOG_WRITER = ("import sys; sys.path.insert(0, {root!r}); from utils.sweep import copy_lines; "
+               "copy_lines(sys.stdin.buffer, sys.stdout.buffer)")
+
+
+def _attempt_header(job: Job, command: list[str]) -> str:
+    """The lines that open one attempt of a run in its log; a rerun says that it resumes."""
+    lines = []
+    if job.log.is_file() and job.log.stat().st_size > 0:
+        stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        how = ("from its checkpoint" if any(job.folder.glob("checkpoint*.pt"))
+               else "from the start (no checkpoint was saved)")
+        lines.append(f"# ---- resumed {stamp}, {how}; earlier attempts above ----")
+    lines += [f"# {shlex.join(command)}", f"# cwd: {REPO_ROOT}"]
+    return "".join(f"{line}\n" for line in lines)
+
+
 def execute(job: Job, env: dict[str, str]) -> int:
-    """Run one job to completion, its stdout and stderr going to its log file; return the exit code."""
+    """Run one job to completion, its stdout and stderr appended to its log file; return the exit code.
+
+    On Ctrl-C the run, which received it too, is given the time to save its checkpoint; a second
+    Ctrl-C stops it at once.
+    """
     job.log.parent.mkdir(parents=True, exist_ok=True)
     command = job.command(sys.executable)
-    with open(job.log, "w") as log:
-        log.write(f"# {shlex.join(command)}\n# cwd: {REPO_ROOT}\n")
+    with open(job.log, "ab") as log:
+        log.write(_attempt_header(job, command).encode())
         log.flush()
-        done = subprocess.run(command, check=False, cwd=REPO_ROOT, env=env, stdout=log,
-                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    return done.returncode
+        writer = subprocess.Popen([sys.executable, "-c", _LOG_WRITER.format(root=str(Path(__file__).parents[1]))],
+                                  stdin=subprocess.PIPE, stdout=log, stderr=log, start_new_session=True)
+    try:
+        child = subprocess.Popen(command, cwd=REPO_ROOT, env={"TQDM_MININTERVAL": LOG_PROGRESS_INTERVAL, **env},
+                                 stdout=writer.stdin, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    finally:
+        writer.stdin.close()  # the run holds the only write end: the writer stops when the run ends
+    try:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            try:
+                child.wait()
+            except KeyboardInterrupt:
+                child.kill()
+            raise
+    finally:
+        if child.poll() is not None:
+            writer.wait()
+
+
+def last_error_line(log: Path, start: int = 0) -> str | None:
+    """What a failed run said last, from byte `start` of its log: its last 'error:' line, else its last
+    non-empty line (the sweep's own '# ' lines aside); None when it said nothing."""
+    try:
+        with open(log, "rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(start, size - 1_000_000))  # the end of a long log is enough
+            text = handle.read().decode(errors="replace")
+    except OSError:
+        return None
+    said = [line.strip() for line in text.replace("\r", "\n").splitlines()]
+    said = [line for line in said if line and not line.startswith("# ")]
+    errors = [line for line in said if line.startswith("error:")]
+    return (errors or said or [None])[-1]
 
 
 def _run_one(job: Job, gpu: str | None) -> Outcome:
@@ -304,6 +420,7 @@ def _run_one(job: Job, gpu: str | None) -> Outcome:
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     start = time.perf_counter()
+    offset = job.log.stat().st_size if job.log.is_file() else 0
     try:
         code = execute(job, env)
     except OSError as exc:
@@ -312,6 +429,8 @@ def _run_one(job: Job, gpu: str | None) -> Outcome:
     if code == 0 and not is_finished(job.folder):
         outcome.message = (f"exited 0 but left no {RESULTS_FILE} in {job.folder}; the entry point and the "
                            "sweep disagree on the run folder")
+    if not outcome.ok:
+        outcome.last_error = last_error_line(job.log, offset)
     return outcome
 
 
@@ -364,14 +483,33 @@ def _sweep_folder(output_dir: str) -> Path:
     return folder
 
 
+def _positive(text: str) -> int:
+    """An integer of at least 1 (--nodes, --gpus_per_node)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+# Seconds before the time limit at which SLURM asks a multi-GPU run to checkpoint and requeue itself.
+SLURM_SIGNAL_SECONDS = 180
+
+
 def slurm_script(folder: Path, n_tasks: int, name: str, options: Sequence[str],
-                 max_parallel: int | None = None) -> str:
-    """The sbatch array script: task i runs line i+1 of commands.txt unless its run already finished."""
+                 max_parallel: int | None = None, nodes: int = 1, gpus_per_node: int = 1) -> str:
+    """The sbatch array script: task i runs line i+1 of commands.txt unless its run already finished.
+
+    With several nodes or GPUs per run, each task is one data-parallel run: one torchrun per node
+    (srun), rendezvous on the first node; near the time limit it checkpoints, and requeues itself.
+    """
     array = f"0-{n_tasks - 1}" + (f"%{max_parallel}" if max_parallel else "")
     lines = ["#!/bin/bash", f"#SBATCH --job-name=cytolora-{name}", f"#SBATCH --array={array}",
              f"#SBATCH --output={folder}/logs/task_%a.log"]
+    parallel = nodes > 1 or gpus_per_node > 1
+    if parallel:
+        lines += [f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1",
+                  f"#SBATCH --signal=B:USR1@{SLURM_SIGNAL_SECONDS}", "#SBATCH --requeue"]
     if not any(o.startswith(("--gres", "--gpus", "-G")) for o in options):
-        lines.append("#SBATCH --gres=gpu:1")
+        lines.append(f"#SBATCH --gpus-per-node={gpus_per_node}" if parallel else "#SBATCH --gres=gpu:1")
     lines += [f"#SBATCH {o}" for o in options]
     lines += [
         "set -euo pipefail",
@@ -381,10 +519,30 @@ def slurm_script(folder: Path, n_tasks: int, name: str, options: Sequence[str],
         f'command=$(sed -n "${{line}}p" {shlex.quote(str(folder / "commands.txt"))})',
         f'if [ -f "$run_dir/{RESULTS_FILE}" ]; then echo "already finished: $run_dir"; exit 0; fi',
         'echo "task $SLURM_ARRAY_TASK_ID on $(hostname): $command"',
-        'eval "$command"',
-        "",
     ]
-    return "\n".join(lines)
+    lines += _torchrun_lines(nodes, gpus_per_node) if parallel else ['eval "$command"']
+    return "\n".join([*lines, ""])
+
+
+def _torchrun_lines(nodes: int, gpus_per_node: int) -> list[str]:
+    """Run the task's command as one torchrun per node; on SLURM's warning signal, pass SIGTERM on (every
+    rank stops after the same step, rank 0 saves a checkpoint) and requeue, so the rerun resumes."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launcher = shlex.quote(str(torchrun)) if torchrun.exists() else "torchrun"
+    return [
+        'eval "set -- $command"; shift  # the entry script and its flags, without the interpreter',
+        'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        "port=$((29500 + SLURM_JOB_ID % 1000))",
+        "requeue=0",
+        'trap \'requeue=1; echo "time limit near: checkpointing, then requeueing"; kill -TERM "$pid"\' USR1',
+        f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 {launcher} --nnodes {nodes} --nproc_per_node "
+        f'{gpus_per_node} --rdzv_backend c10d --rdzv_endpoint "$head:$port" --rdzv_id "$SLURM_JOB_ID" "$@" &',
+        "pid=$!",
+        "status=0",
+        'wait "$pid" || status=$?',
+        'if [ "$requeue" = 1 ]; then wait "$pid" || true; scontrol requeue "$SLURM_JOB_ID"; exit 0; fi',
+        'exit "$status"',
+    ]
 
 
 def write_slurm(jobs: list[Job], args: argparse.Namespace) -> tuple[Path, int]:
@@ -395,7 +553,7 @@ def write_slurm(jobs: list[Job], args: argparse.Namespace) -> tuple[Path, int]:
     script = folder / "sweep.sbatch"
     options = args.sbatch.split()
     script.write_text(slurm_script(folder, len(jobs), f"exp{args.experiment}" if args.experiment else "sweep", options,
-                                    args.max_parallel))
+                                    args.max_parallel, args.nodes, args.gpus_per_node))
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         print(f"sbatch not found; submit later with: sbatch {script}")
@@ -415,6 +573,8 @@ def _summary(total: int, skipped: int, outcomes: list[Outcome]) -> str:
     for o in failed:
         why = o.message or f"exit {o.returncode}"
         lines.append(f"  FAILED {o.job.folder} ({why}); log: {o.job.log}")
+        if o.last_error:
+            lines.append(f"    {o.last_error}")
     return "\n".join(lines)
 
 
@@ -422,10 +582,17 @@ def run(argv: Sequence[str] | None = None) -> int:
     """Expand, skip finished runs, then dry-run, submit or run; returns the exit code."""
     args = build_parser().parse_args(argv)
     gpus = _words(args.gpus, "--gpus") if args.gpus is not None else None
+    _check_estimate_options(args)
     jobs = expand(args)
     pending = [j for j in jobs if not is_finished(j.folder)]
     skipped = len(jobs) - len(pending)
     head = f"# {len(jobs)} combinations: {len(pending)} to run, {skipped} already finished (skipped)"
+    if args.estimate:
+        from utils.estimate import estimate
+
+        print(estimate(pending, step_seconds=args.step_seconds, workers=len(gpus) if gpus else 1,
+                       finished=skipped).text())
+        return 0
     if args.dry_run:
         print(f"{head}; run from {REPO_ROOT}")
         for job in pending:
@@ -441,6 +608,15 @@ def run(argv: Sequence[str] | None = None) -> int:
     outcomes = run_local(pending, gpus)
     print(_summary(len(jobs), skipped, outcomes))
     return 1 if any(not o.ok for o in outcomes) else 0
+
+
+def _check_estimate_options(args: argparse.Namespace) -> None:
+    if args.step_seconds is not None and not args.estimate:
+        raise SweepError("--step_seconds goes with --estimate")
+    if args.step_seconds is not None and not args.step_seconds > 0:
+        raise SweepError(f"--step_seconds must be positive, got {args.step_seconds:g}")
+    if args.estimate and (args.dry_run or args.slurm):
+        raise SweepError("--estimate prints the cost and runs nothing: drop --dry_run and --slurm")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
