@@ -389,7 +389,8 @@ def _interval(g: Group) -> str:
         return "–"
     if math.isnan(s.ci_low):
         return f"{100 * s.mean:.1f}"
-    return f"{100 * s.mean:.1f} [{100 * s.ci_low:.1f}, {100 * s.ci_high:.1f}]"
+    # bounded metrics: the t-interval is shown clipped to [0, 100]
+    return f"{100 * s.mean:.1f} [{100 * max(0.0, s.ci_low):.1f}, {100 * min(1.0, s.ci_high):.1f}]"
 
 
 def _mean_of(g: Group, key) -> float:
@@ -430,8 +431,8 @@ def markdown_report(source: Path, runs: Sequence[Run], groups: Sequence[Group], 
              ("Cells: test metric in %, mean ± half-width of the 95% t-interval over seeds; "
               "(n=k) marks a cell with fewer seeds than the rest of its table."), ""]
     lines += ["## Methods side by side (test)", "",
-              "Balanced accuracy: mean [95% t-interval over seeds]; trainable parameters are those that "
-              "received a gradient.", ""] + method_tables(chosen, varying)
+              "Headline metric: mean [95% t-interval over seeds, clipped to [0, 100]]; trainable parameters are "
+              "those that received a gradient.", ""] + method_tables(chosen, varying)
     lines += ["## Every metric per setting (test, %, mean ± 95% t half-width over seeds)", ""]
     lines += setting_table(chosen, varying)
     recall = recall_table(chosen, varying)
