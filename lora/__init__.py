@@ -1,4 +1,4 @@
-"""Hand-written LoRA for vision (and text) towers: injection, merging, and adapter files."""
+"""Hand-written LoRA (and its DoRA variant) for vision and text towers: injection, merging, adapter files."""
 
 from lora.config import (
     ENCODERS,
@@ -10,7 +10,7 @@ from lora.config import (
     parse_params,
 )
 from lora.errors import LoRAError
-from lora.inject import apply_lora, block_indices, find_towers, lora_layers
+from lora.inject import apply_lora, block_indices, find_towers, lora_disabled, lora_layers
 from lora.io import load_lora, lora_parameters, lora_state_dict, read_lora_settings, save_lora
 from lora.layers import LoRAConv2d, LoRAFusedLinear, LoRALinear, LoRAModule, LoRAMultiheadAttention
 from lora.merge import merge_lora
@@ -32,6 +32,7 @@ __all__ = [
     "compute_scale",
     "find_towers",
     "load_lora",
+    "lora_disabled",
     "lora_layers",
     "lora_parameters",
     "lora_state_dict",

@@ -16,8 +16,8 @@ POSITIONS = ("bottom", "mid", "up", "half-up", "half-bottom", "all", "top", "top
 ENCODERS = ("vision", "text", "both")
 SCALINGS = ("sqrt", "standard")
 # Settings that decide what the adapter tensors mean; a saved adapter must match them to be loaded.
-CHECKED_SETTINGS = ("r", "alpha", "scaling", "params", "position", "encoder", "model_key")
-SETTING_NAMES = ("r", "alpha", "scaling", "params", "position", "encoder", "dropout_rate", "model_key")
+CHECKED_SETTINGS = ("r", "alpha", "scaling", "params", "position", "encoder", "dora", "model_key")
+SETTING_NAMES = ("r", "alpha", "scaling", "params", "position", "encoder", "dropout_rate", "dora", "model_key")
 
 
 def _split_token(token: str) -> list[str]:
@@ -79,6 +79,7 @@ class LoRASettings:
     encoder: str = "vision"
     scaling: str = "sqrt"
     model_key: str | None = field(default=None)
+    dora: bool = False  # the DoRA variant: a learnable magnitude per adapted output row (lora.dora)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", parse_params(self.params))
@@ -94,6 +95,8 @@ class LoRASettings:
         _choice("position", self.position, POSITIONS)
         _choice("encoder", self.encoder, ENCODERS)
         _choice("scaling", self.scaling, SCALINGS)
+        if not isinstance(self.dora, bool):
+            raise LoRAError(f"LoRA dora must be True or False, got {self.dora!r}")
 
     @property
     def scale(self) -> float:

@@ -18,6 +18,8 @@ EfficientNet-Lite0 these are its 16 blocks and then ``conv_head`` as a 17th unit
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -258,14 +260,14 @@ def _site_targets(site: AttentionSite, letters: list[str], where: str) -> list[t
 
 
 def _make_layer(module: nn.Module, kind: str, letters: tuple[str, ...], settings: LoRASettings) -> LoRAModule:
-    r, scale, p = settings.r, settings.scale, settings.dropout_rate
+    r, scale, p, dora = settings.r, settings.scale, settings.dropout_rate, settings.dora
     if kind == "mha":
-        return LoRAMultiheadAttention(module, letters, r, scale, p)
+        return LoRAMultiheadAttention(module, letters, r, scale, p, dora)
     if kind == "fused":
-        return LoRAFusedLinear(module, letters, r, scale, p)
+        return LoRAFusedLinear(module, letters, r, scale, p, dora)
     if kind == "pw":
-        return LoRAConv2d(module, r, scale, p)
-    return LoRALinear(module, letters[0], r, scale, p)
+        return LoRAConv2d(module, r, scale, p, dora)
+    return LoRALinear(module, letters[0], r, scale, p, dora)
 
 
 def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -279,16 +281,35 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRAModule]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRAModule)]
 
 
+@contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every LoRA layer of ``model`` computes its original module's output (no update).
+
+    The layers keep their own kernels, so this is also the frozen model as our layers run it (e.g. the
+    floor of a speed comparison), equal to the original up to float rounding.
+    """
+    layers = [layer for _, layer in lora_layers(model)]
+    before = [layer.enabled for layer in layers]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer, enabled in zip(layers, before, strict=True):
+            layer.enabled = enabled
+
+
 def apply_lora(model: nn.Module, params: str | tuple[str, ...] | list[str] = ("q", "v"), r: int = 2,
                alpha: float = 1, dropout_rate: float = 0.25, position: str = "all", encoder: str = "vision",
-               scaling: str = "sqrt") -> list[nn.Module]:
-    """Put LoRA on the chosen projections of the chosen blocks and towers, freeze everything else.
+               scaling: str = "sqrt", dora: bool = False) -> list[nn.Module]:
+    """Put LoRA (or, with ``dora=True``, DoRA) on the chosen projections of the chosen blocks and towers,
+    freeze everything else.
 
     Returns the injected layers. Raises LoRAError, before changing anything, on a bad setting or when
     the model lacks a tower, block or projection that was asked for.
     """
     settings = LoRASettings(params=params, r=r, alpha=alpha, dropout_rate=dropout_rate, position=position,
-                            encoder=encoder, scaling=scaling)
+                            encoder=encoder, scaling=scaling, dora=dora)
     if lora_layers(model):
         raise LoRAError("the model already has LoRA layers; merge them (merge_lora) or start from a fresh model")
     plan = []

@@ -1,4 +1,4 @@
-"""Save and load LoRA adapters as safetensors files that carry their settings."""
+"""Save and load LoRA (and DoRA) adapters as safetensors files that carry their settings."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ FORMAT = "cytology-lora"
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The LoRA tensors of a model by their full parameter names (all contain 'lora_')."""
+    """The LoRA tensors (A, B and DoRA magnitudes) of a model by their full parameter names (all contain 'lora_')."""
     return {
         f"{name}.{pname}": param
         for name, layer in lora_layers(model)
@@ -38,6 +38,10 @@ def _settings(settings: dict | LoRASettings) -> LoRASettings:
     return settings if isinstance(settings, LoRASettings) else LoRASettings.from_dict(settings)
 
 
+def _variant(dora: bool) -> str:
+    return "DoRA" if dora else "plain LoRA"
+
+
 def _check_layers_match(model: nn.Module, settings: LoRASettings, what: str) -> None:
     """The model's LoRA layers must have the rank, scale and letters the settings describe."""
     layers = [layer for _, layer in lora_layers(model)]
@@ -47,6 +51,12 @@ def _check_layers_match(model: nn.Module, settings: LoRASettings, what: str) -> 
     if tuple(x for x in settings.params if x in letters) != settings.params or letters - set(settings.params):
         raise LoRAError(f"{what}: the model's LoRA layers adapt {' '.join(sorted(letters))} "
                         f"but the settings say params={' '.join(settings.params)}")
+    variants = {layer.dora for layer in layers}
+    if variants != {settings.dora}:
+        have = " and ".join(sorted(_variant(v) for v in variants))
+        raise LoRAError(f"{what}: the model's layers are {have} but the adapter settings are "
+                        f"{_variant(settings.dora)}; use settings (or an adapter file) with "
+                        f"dora={layers[0].dora}, or a model made by apply_lora(..., dora={settings.dora})")
     for layer in layers:
         if layer.r != settings.r:
             raise LoRAError(f"{what}: the model's LoRA layers have r={layer.r} but the settings say r={settings.r}")
@@ -83,6 +93,8 @@ def _normalise(key: str, value: object) -> object:
         return parse_params(value)
     if key == "alpha":
         return float(value)
+    if key == "dora":
+        return _variant(bool(value))
     return value
 
 
@@ -92,10 +104,14 @@ def _show(value: object) -> object:
 
 def check_settings(saved: dict, expected: dict, path: str | os.PathLike) -> None:
     """LoRAError naming the first setting where ``expected`` differs from what the file was saved with."""
+    saved = {"dora": False} | saved  # files written before DoRA existed hold plain LoRA
     for key in CHECKED_SETTINGS:
         if expected.get(key) is None or saved.get(key) is None:
             continue
         want, got = _normalise(key, expected[key]), _normalise(key, saved[key])
+        if want != got and key == "dora":
+            raise LoRAError(f"adapter {path} was saved as {got} (dora={saved[key]}) but this run uses {want}; "
+                            f"load it with the variant it was saved with (--method dora for DoRA)")
         if want != got:
             raise LoRAError(f"adapter {path} was saved with {key}={_show(got)!r} but this run uses "
                             f"{key}={_show(want)!r}; use the same --{key} or another adapter")
@@ -104,15 +120,16 @@ def check_settings(saved: dict, expected: dict, path: str | os.PathLike) -> None
 def load_lora(model: nn.Module, path: str | os.PathLike, expected: dict | None = None) -> dict:
     """Load an adapter into ``model`` after checking its settings; returns the saved settings.
 
-    ``expected`` holds the current run's settings (r, alpha, scaling, params, position, encoder,
+    ``expected`` holds the current run's settings (r, alpha, scaling, params, position, encoder, dora,
     model_key; dropout_rate only matters for training and is not compared). A model without LoRA
-    layers is first injected with the file's settings.
+    layers is first injected with the file's settings (files written before DoRA existed are plain LoRA).
     """
     saved = read_lora_settings(path)
     check_settings(saved, expected or {}, path)
     cfg = LoRASettings.from_dict(saved)
     if not lora_layers(model):
-        apply_lora(model, cfg.params, cfg.r, cfg.alpha, cfg.dropout_rate, cfg.position, cfg.encoder, cfg.scaling)
+        apply_lora(model, cfg.params, cfg.r, cfg.alpha, cfg.dropout_rate, cfg.position, cfg.encoder, cfg.scaling,
+                   dora=cfg.dora)
     _check_layers_match(model, cfg, f"load_lora({path})")
     own = lora_state_dict(model)
     with safe_open(str(path), framework="pt") as f:

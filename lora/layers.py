@@ -1,12 +1,13 @@
 """LoRA layers: ``W x + s * B(A(dropout(x)))`` on Linears, fused q/k/v projections and 1x1 convolutions.
 
 Every layer keeps the base parameters under their original names (so state_dict keys of the base
-model do not change) and adds ``lora_A*`` / ``lora_B*`` parameters. The original module is kept
-aside and handed back, with the update folded into its weights, by ``merged()``.
+model do not change) and adds ``lora_A*`` / ``lora_B*`` parameters (and, for the DoRA variant, one
+``lora_magnitude*`` vector per adapted letter, see ``lora.dora``). The original module is kept aside
+and handed back, with the update folded into its weights, by ``merged()``.
 
 Speed rules followed here: ``B @ A`` is never formed in forward or backward; a fused projection
 stays one dense matmul, and the selected q/k/v slices share one dropout and one matmul with all
-their ``A`` matrices stacked; the low-rank result is added with one ``addmm`` pass.
+their ``A`` matrices stacked; the low-rank result is added with one ``addmm`` pass (see ``lora.lowrank``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lora import dora as dora_math
+from lora.lowrank import keep_mask, low_rank_linear, pointwise_lora
+
 QKV = ("q", "k", "v")
+__all__ = ["QKV", "FusedLoRAMixin", "LoRAConv2d", "LoRAFusedLinear", "LoRALinear", "LoRAModule",
+           "LoRAMultiheadAttention", "keep_mask", "low_rank_linear"]
 
 
 def _new_pair(r: int, in_features: int, out_features: int, like: Tensor) -> tuple[nn.Parameter, nn.Parameter]:
@@ -28,42 +34,29 @@ def _new_pair(r: int, in_features: int, out_features: int, like: Tensor) -> tupl
     return nn.Parameter(a), nn.Parameter(b)
 
 
-def _keep_mask(x: Tensor, rate: float) -> Tensor:
-    """Float 0/1 mask keeping each entry with probability 1 - rate (float, so no conversion pass later)."""
-    return torch.rand_like(x).ge_(rate)
-
-
-def low_rank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, bt: Tensor, scale: float,
-                    dropout_rate: float) -> Tensor:
-    """``x @ weight.T + bias + scale * dropout(x) @ a.T @ bt``, the dense matmul done once.
-
-    ``bt`` is B transposed, (rank, out), contiguous: that keeps both backward products of the update
-    (``grad @ bt.T`` and ``h.T @ grad``) on fast matmul layouts; a transposed view would make autograd
-    compute ``(grad.T @ h).T``, several times slower. The update is added in place (``addmm_``) to
-    the dense result, which no backward needs, so no extra output-sized tensor is written.
-    """
-    flat = x.reshape(-1, x.shape[-1])
-    out = F.linear(flat, weight, bias)
-    factor = 1.0
-    if dropout_rate > 0:  # inverted dropout; its 1 / (1 - p) joins the scalar scale
-        flat = flat * _keep_mask(flat, dropout_rate)
-        factor = 1.0 / (1.0 - dropout_rate)
-    h = F.linear(flat, a)
-    out.addmm_(h.to(out.dtype), bt.to(out.dtype), alpha=scale * factor)
-    return out.view(*x.shape[:-1], out.shape[-1])
+def _new_magnitude(rows: Tensor, a: Tensor, b: Tensor, scale: float) -> nn.Parameter:
+    """DoRA's magnitude, ``||W + s B A||`` per row at creation (B is zero): the layer starts unchanged."""
+    return nn.Parameter(dora_math.row_norms(rows, a, b, scale).to(rows.dtype))
 
 
 class LoRAModule(nn.Module):
-    """Common part of every LoRA layer: rank, scale, dropout and the letters it adapts."""
+    """Common part of every LoRA layer: rank, scale, dropout, the letters it adapts and its variant.
+
+    ``enabled`` (True by default; see ``lora.lora_disabled``) switches the low-rank path, and DoRA's
+    rescaling, off: the layer then computes what the original module computes, through its own kernels
+    (the attention drop-in's SDPA, the 1x1 convolution as a matmul), equal up to float rounding.
+    """
 
     letters: tuple[str, ...]
 
-    def _setup(self, original: nn.Module, r: int, scale: float, dropout_rate: float) -> None:
+    def _setup(self, original: nn.Module, r: int, scale: float, dropout_rate: float, dora: bool = False) -> None:
         # Kept outside the module tree: its parameters are the very objects registered here.
         object.__setattr__(self, "_original", original)
         self.r = r
         self.scale = float(scale)
         self.dropout_rate = float(dropout_rate)
+        self.dora = bool(dora)
+        self.enabled = True
 
     @property
     def active_dropout(self) -> float:
@@ -74,54 +67,90 @@ class LoRAModule(nn.Module):
         """The (A, B) parameters of one adapted letter."""
         return self.lora_A, self.lora_B
 
+    def magnitude(self, letter: str) -> Tensor:
+        """DoRA's magnitude vector of one adapted letter (DoRA layers only)."""
+        return self.lora_magnitude
+
+    def base_rows(self, letter: str) -> Tensor:
+        """The frozen weight rows one letter adapts, as an (out, in) matrix."""
+        return self.weight
+
+    def dora_factor(self, letter: str) -> Tensor:
+        """DoRA's per-row factor ``m / ||W + s B A||`` of one letter (norm detached)."""
+        a, b = self.lora_pair(letter)
+        return dora_math.magnitude_factor(self.magnitude(letter), self.base_rows(letter), a, b, self.scale)
+
     def delta(self, letter: str) -> Tensor:
         """The dense update ``s * B @ A`` of one letter (for merging and checks only, never in training)."""
         a, b = self.lora_pair(letter)
-        return (b.float() @ a.float()) * self.scale
+        dtype = dora_math.accumulation_dtype(b)
+        return (b.to(dtype) @ a.to(dtype)) * self.scale
+
+    @torch.no_grad()
+    def _merge_into(self, rows: Tensor, letter: str) -> None:
+        """Fold one letter's update into its weight rows (a view of the base weight), in place."""
+        if self.dora:
+            a, b = self.lora_pair(letter)
+            rows.copy_(dora_math.merged_rows(rows, a, b, self.scale, self.magnitude(letter)))
+        else:
+            rows += self.delta(letter).to(rows.dtype)
 
     def merged(self) -> nn.Module:
         """The original module, with the low-rank update folded into its weights."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"letters={'+'.join(self.letters)}, r={self.r}, scale={self.scale:.4g}, dropout={self.dropout_rate}"
+        variant = ", dora" if self.dora else ""
+        return (f"letters={'+'.join(self.letters)}, r={self.r}, scale={self.scale:.4g}, "
+                f"dropout={self.dropout_rate}{variant}")
 
 
 class LoRALinear(LoRAModule):
     """A Linear (q, k, v or o projection) plus a low-rank update."""
 
-    def __init__(self, base: nn.Linear, letter: str, r: int, scale: float, dropout_rate: float) -> None:
+    def __init__(self, base: nn.Linear, letter: str, r: int, scale: float, dropout_rate: float,
+                 dora: bool = False) -> None:
         super().__init__()
-        self._setup(base, r, scale, dropout_rate)
+        self._setup(base, r, scale, dropout_rate, dora)
         self.letters = (letter,)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
         self.lora_A, self.lora_B = _new_pair(r, base.in_features, base.out_features, base.weight)
+        if dora:
+            self.lora_magnitude = _new_magnitude(base.weight, self.lora_A, self.lora_B, scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        return low_rank_linear(x, self.weight, self.bias, self.lora_A, self.lora_B.t().contiguous(), self.scale,
-                               self.active_dropout)
+        if not self.enabled:
+            return F.linear(x, self.weight, self.bias)
+        out = low_rank_linear(x, self.weight, self.bias, self.lora_A, self.lora_B.t().contiguous(), self.scale,
+                              self.active_dropout)
+        return dora_math.rescale(out, self.dora_factor(self.letters[0]), self.bias) if self.dora else out
 
     @torch.no_grad()
     def merged(self) -> nn.Module:
         base = self._original
         base.weight, base.bias = self.weight, self.bias
-        base.weight.add_(self.delta(self.letters[0]).to(base.weight.dtype))
+        self._merge_into(base.weight, self.letters[0])
         return base
 
 
 class LoRAConv2d(LoRAModule):
-    """A 1x1 channel-mixing convolution plus a low-rank update (two 1x1 convolutions through r channels)."""
+    """A 1x1 channel-mixing convolution plus a low-rank update (channel matmuls through r channels)."""
 
-    def __init__(self, base: nn.Conv2d, r: int, scale: float, dropout_rate: float) -> None:
+    def __init__(self, base: nn.Conv2d, r: int, scale: float, dropout_rate: float, dora: bool = False) -> None:
         super().__init__()
-        self._setup(base, r, scale, dropout_rate)
+        self._setup(base, r, scale, dropout_rate, dora)
         self.letters = ("pw",)
         self.in_channels, self.out_channels = base.in_channels, base.out_channels
         self.weight = base.weight
         self.bias = base.bias
         self.lora_A, self.lora_B = _new_pair(r, base.in_channels, base.out_channels, base.weight)
+        if dora:
+            self.lora_magnitude = _new_magnitude(self.base_rows("pw"), self.lora_A, self.lora_B, scale)
+
+    def base_rows(self, letter: str) -> Tensor:
+        return self.weight[:, :, 0, 0]
 
     def _base(self) -> nn.Conv2d:
         base = self._original
@@ -132,19 +161,19 @@ class LoRAConv2d(LoRAModule):
 
     def forward(self, x: Tensor) -> Tensor:
         base = self._base()
-        out = base(x)
-        a = self.lora_A.view(self.r, self.in_channels, 1, 1)
-        padding = base.padding if base.padding_mode == "zeros" else 0
-        rate = self.active_dropout
-        kept = x * _keep_mask(x, rate) if rate > 0 else x
-        h = F.conv2d(kept, a, stride=base.stride, padding=padding)
-        b = (self.lora_B * (self.scale / (1.0 - rate))).view(self.out_channels, self.r, 1, 1)
-        return out + F.conv2d(h, b)
+        if not self.enabled:  # the frozen convolution alone, computed as the adapted layer computes it
+            return pointwise_lora(base, x, self.weight, self.bias, None, None, self.scale, 0.0)
+        out = pointwise_lora(base, x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale,
+                             self.active_dropout)
+        if not self.dora:
+            return out
+        bias = None if self.bias is None else self.bias.view(-1, 1, 1)
+        return dora_math.rescale(out, self.dora_factor("pw").view(-1, 1, 1), bias)
 
     @torch.no_grad()
     def merged(self) -> nn.Module:
         base = self._base()
-        base.weight[:, :, 0, 0] += self.delta("pw").to(base.weight.dtype)
+        self._merge_into(base.weight[:, :, 0, 0], "pw")
         return base
 
 
@@ -158,10 +187,23 @@ class FusedLoRAMixin(LoRAModule):
             a, b = _new_pair(self.r, in_features, rows, like)
             setattr(self, f"lora_A_{letter}", a)
             setattr(self, f"lora_B_{letter}", b)
+            if self.dora:
+                setattr(self, f"lora_magnitude_{letter}", _new_magnitude(self.base_rows(letter), a, b, self.scale))
+
+    def fused_weight(self) -> Tensor:
+        """The fused (3 * rows, in) q/k/v weight."""
+        return self.weight
+
+    def base_rows(self, letter: str) -> Tensor:
+        j = QKV.index(letter)
+        return self.fused_weight()[j * self.rows:(j + 1) * self.rows]
 
     def lora_pair(self, letter: str) -> tuple[Tensor, Tensor]:
         """The (A, B) parameters of one adapted letter."""
         return getattr(self, f"lora_A_{letter}"), getattr(self, f"lora_B_{letter}")
+
+    def magnitude(self, letter: str) -> Tensor:
+        return getattr(self, f"lora_magnitude_{letter}")
 
     def _zeros(self, rows: int) -> Tensor:
         ref = self.lora_pair(self.letters[0])[1]
@@ -186,28 +228,37 @@ class FusedLoRAMixin(LoRAModule):
             columns.append(torch.cat(parts, dim=0) if len(parts) > 1 else parts[0])
         return torch.cat(columns, dim=1) if len(columns) > 1 else columns[0].contiguous()
 
+    def _dora_factors(self, groups: tuple[str, ...], chosen: list[str]) -> Tensor:
+        """DoRA's per-row factor over the rows of ``groups``: the chosen letters' factors, ones elsewhere."""
+        factors = {g: self.dora_factor(g) for g in chosen}
+        ones = torch.ones_like(factors[chosen[0]])
+        parts = [factors.get(g, ones) for g in groups]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
     def project(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: tuple[str, ...]) -> Tensor:
         """``x @ weight.T + bias`` for the row blocks ``groups`` plus their low-rank updates, fused."""
-        chosen = [g for g in groups if g in self.letters]
+        chosen = [g for g in groups if g in self.letters] if self.enabled else []
         if not chosen:
             return F.linear(x, weight, bias)
         # one dropout and one matmul with every chosen A stacked, for all letters sharing this input
         a = torch.cat([self.lora_pair(g)[0] for g in chosen]) if len(chosen) > 1 else self.lora_pair(chosen[0])[0]
-        return low_rank_linear(x, weight, bias, a, self._stacked_bt(groups, chosen), self.scale, self.active_dropout)
+        out = low_rank_linear(x, weight, bias, a, self._stacked_bt(groups, chosen), self.scale, self.active_dropout)
+        return dora_math.rescale(out, self._dora_factors(groups, chosen), bias) if self.dora else out
 
     @torch.no_grad()
     def _merge_rows(self, weight: Tensor) -> None:
         for j, letter in enumerate(QKV):
             if letter in self.letters:
-                weight[j * self.rows:(j + 1) * self.rows] += self.delta(letter).to(weight.dtype)
+                self._merge_into(weight[j * self.rows:(j + 1) * self.rows], letter)
 
 
 class LoRAFusedLinear(FusedLoRAMixin):
     """A fused qkv Linear (timm ``Attention.qkv``): one dense matmul plus low-rank updates on chosen slices."""
 
-    def __init__(self, base: nn.Linear, letters: tuple[str, ...], r: int, scale: float, dropout_rate: float) -> None:
+    def __init__(self, base: nn.Linear, letters: tuple[str, ...], r: int, scale: float, dropout_rate: float,
+                 dora: bool = False) -> None:
         super().__init__()
-        self._setup(base, r, scale, dropout_rate)
+        self._setup(base, r, scale, dropout_rate, dora)
         if base.out_features % 3:
             raise ValueError(f"fused qkv Linear has {base.out_features} outputs, not a multiple of 3")
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -241,9 +292,9 @@ class LoRAMultiheadAttention(FusedLoRAMixin):
     """
 
     def __init__(self, base: nn.MultiheadAttention, letters: tuple[str, ...], r: int, scale: float,
-                 dropout_rate: float) -> None:
+                 dropout_rate: float, dora: bool = False) -> None:
         super().__init__()
-        self._setup(base, r, scale, dropout_rate)
+        self._setup(base, r, scale, dropout_rate, dora)
         self.embed_dim, self.num_heads = base.embed_dim, base.num_heads
         self.head_dim = base.embed_dim // base.num_heads
         self.kdim, self.vdim = base.kdim, base.vdim
@@ -254,7 +305,8 @@ class LoRAMultiheadAttention(FusedLoRAMixin):
         self.add_zero_attn = False
         self.in_proj_weight = base.in_proj_weight
         self.in_proj_bias = base.in_proj_bias
-        self.out_proj = LoRALinear(base.out_proj, "o", r, scale, dropout_rate) if "o" in letters else base.out_proj
+        self.out_proj = (LoRALinear(base.out_proj, "o", r, scale, dropout_rate, dora) if "o" in letters
+                         else base.out_proj)
         self._setup_fused(letters, base.embed_dim, base.embed_dim, base.in_proj_weight)
         if "o" in letters:
             self.letters = (*self.letters, "o")
@@ -331,9 +383,18 @@ class LoRAMultiheadAttention(FusedLoRAMixin):
             out = out.squeeze(0 if self.batch_first else 1)
         return out, weights
 
+    def fused_weight(self) -> Tensor:
+        return self.in_proj_weight
+
     def lora_pair(self, letter: str) -> tuple[Tensor, Tensor]:
         """The (A, B) parameters of one adapted letter ('o' lives on the output projection)."""
         return self.out_proj.lora_pair("o") if letter == "o" else super().lora_pair(letter)
+
+    def magnitude(self, letter: str) -> Tensor:
+        return self.out_proj.magnitude("o") if letter == "o" else super().magnitude(letter)
+
+    def base_rows(self, letter: str) -> Tensor:
+        return self.out_proj.base_rows("o") if letter == "o" else super().base_rows(letter)
 
     def delta(self, letter: str) -> Tensor:
         """The dense update of one letter, with the scale of the layer holding it."""

@@ -29,22 +29,25 @@ class LoRAMethodSettings:
         object.__setattr__(self, "alpha", checked.alpha)
         object.__setattr__(self, "dropout_rate", checked.dropout_rate)
 
-    def lora(self, model_key: str | None = None) -> LoRASettings:
+    def lora(self, model_key: str | None = None, dora: bool = False) -> LoRASettings:
         return LoRASettings(params=self.params, r=self.r, alpha=self.alpha, dropout_rate=self.dropout_rate,
-                            position=self.position, encoder=self.encoder, scaling=self.scaling, model_key=model_key)
+                            position=self.position, encoder=self.encoder, scaling=self.scaling, dora=dora,
+                            model_key=model_key)
 
 
-def build(ctx, s: LoRAMethodSettings) -> Plan:
-    lora = s.lora(ctx.model_label)
+def build(ctx, s: LoRAMethodSettings, dora: bool = False) -> Plan:
+    """Adapters in the backbone (the DoRA variant with ``dora=True``) and a linear head, trained on images."""
+    lora = s.lora(ctx.model_label, dora)
     apply_lora(ctx.spec.model, params=s.params, r=s.r, alpha=s.alpha, dropout_rate=s.dropout_rate,
-               position=s.position, encoder=s.encoder, scaling=s.scaling)
+               position=s.position, encoder=s.encoder, scaling=s.scaling, dora=dora)
     model = ImageClassifier(ctx.spec, linear_head(ctx))
     model.head.requires_grad_(True)
 
     def export(folder):
         save_lora(ctx.spec.model, folder / "lora.safetensors", lora)
 
-    return Plan(model, "images", [Stage("lora", model, "images", ctx.paper_steps(), ctx.config.lr)], export=export)
+    name = "dora" if dora else "lora"
+    return Plan(model, "images", [Stage(name, model, "images", ctx.paper_steps(), ctx.config.lr)], export=export)
 
 
 def label(s: LoRAMethodSettings) -> str:

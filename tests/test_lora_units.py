@@ -19,6 +19,7 @@ from lora import (
     apply_lora,
     block_indices,
     load_lora,
+    lora_disabled,
     lora_layers,
     lora_state_dict,
     merge_lora,
@@ -270,7 +271,7 @@ def test_q_and_v_share_one_dropout_and_one_a_matmul():
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof, torch.no_grad():
         model(images())
     a_products = [e for e in prof.events() if e.name == "aten::linear" and [4, 64] in e.input_shapes]
-    draws = [e for e in prof.events() if e.name == "aten::uniform_"]
+    draws = [e for e in prof.events() if e.name == "aten::random_"]
     assert len(draws) == 6  # one dropout mask per block for q and v together
     assert len(a_products) == 6  # A_q and A_v stacked: one (rows, 64) x (64, 2 + 2) product per block
 
@@ -347,3 +348,113 @@ def test_merge_without_lora_is_a_no_op():
     assert merge_lora(model) is model
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert math.isfinite(LoRASettings().scale)
+
+
+# --- pointwise convolutions: the fused channel-matmul path -------------------------------------------------
+
+def _pointwise_run(conv: nn.Conv2d, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fast: bool, seed: int,
+                   rate: float):
+    """Output and gradients of ``pointwise_lora`` on the fused path or on the convolution fallback."""
+    import lora.lowrank as lowrank
+
+    x, a, b = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
+    params = [p for p in conv.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    original = lowrank._fast_path
+    try:
+        lowrank._fast_path = original if fast else (lambda conv, x: False)
+        assert lowrank._fast_path(conv, x) == fast
+        torch.manual_seed(seed)
+        out = lowrank.pointwise_lora(conv, x, conv.weight, conv.bias, a, b, 0.7, rate)
+    finally:
+        lowrank._fast_path = original
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    out.backward(grad)
+    return [out, x.grad, a.grad, b.grad] + [p.grad for p in params]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("rate", [0.0, 0.25, 0.1])
+@pytest.mark.parametrize("train_base", [False, True])
+@pytest.mark.parametrize(("c_in", "c_out"), [(6, 5), (3, 9)])  # the update added after, or inside, the matmul
+def test_fused_pointwise_path_equals_the_convolution_path(channels_last, rate, train_base, c_in, c_out):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c_in, c_out, 1, bias=True).requires_grad_(train_base)
+    x = torch.randn(3, c_in, 4, 7)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    a, b = torch.randn(2, c_in), torch.randn(c_out, 2)
+    fused = _pointwise_run(conv, x, a, b, fast=True, seed=3, rate=rate)
+    plain = _pointwise_run(conv, x, a, b, fast=False, seed=3, rate=rate)  # the same mask from the same seed
+    assert len(fused) == (6 if train_base else 4)
+    for got, want in zip(fused, plain, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if channels_last:
+        assert fused[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_pointwise_path_under_autocast_runs_in_the_convolution_precision():
+    torch.manual_seed(0)
+    layer = apply_lora(nn.Sequential(nn.Conv2d(8, 8, 1)), "pw", r=2)[0]
+    layer.train()
+    for p in lora_state_dict(layer).values():
+        p.data.normal_()
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.lora_A.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize(("rate", "lane_bits"), [(0.25, 8), (0.5, 8), (0.1, 16), (0.3, 16)])
+def test_dropout_masks_keep_the_drawn_probability(rate, lane_bits):
+    from lora.lowrank import keep_mask, keep_probability
+
+    torch.manual_seed(0)
+    x = torch.randn(400, 1000)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        mask, keep = keep_mask(x, rate)
+    assert keep == keep_probability(rate) and abs(keep - (1 - rate)) <= 2 ** -17
+    assert mask.dtype == x.dtype and set(mask.unique().tolist()) == {0.0, 1.0}
+    assert abs(mask.mean().item() - keep) < 4 * math.sqrt(keep * (1 - keep) / x.numel())
+    words = [e.input_shapes[0][0] for e in prof.events() if e.name == "aten::random_"]
+    assert words == [x.numel() * lane_bits // 64]  # one 64-bit draw per 8 (or 4) decisions
+
+
+# --- switching adapters off, the benchmark ------------------------------------------------------------------
+
+def test_lora_disabled_restores_the_original_computation_and_nests():
+    model = copy.deepcopy(timm_vit())
+    x = images()
+    with torch.no_grad():
+        want = model(x)
+        apply_lora(model, "q v o", r=2)
+        for p in lora_state_dict(model).values():
+            p.normal_()
+        adapted = model(x)
+        with lora_disabled(model):
+            torch.testing.assert_close(model(x), want, atol=0, rtol=0)
+            with lora_disabled(model):
+                pass
+            torch.testing.assert_close(model(x), want, atol=0, rtol=0)
+        torch.testing.assert_close(model(x), adapted, atol=0, rtol=0)
+
+
+def test_benchmark_runs_every_variant_on_a_tiny_convolutional_model(capsys):
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("lora_step", REPO / "benchmarks" / "lora_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--model", "test_efficientnet", "--params", "pw", "--batch", "2", "--steps", "1", "--warmup", "0",
+            "--variants", "floor", "floor-ours", "ours", "dora", "peft", "peft-dora"]
+    assert bench.main(argv) == 0
+    table = capsys.readouterr().out
+    for variant in ("floor", "floor-ours", "ours", "dora", "peft", "peft-dora"):
+        assert f"\n{variant} " in table
+    assert bench.main(["--model", "test_efficientnet", "--params", "q", "--variants", "ours"]) == 2
+    assert bench._without_option(["--a", "1", "--variants", "x", "y", "--b"], "--variants") == ["--a", "1", "--b"]
