@@ -169,11 +169,11 @@ def print_prepare_report(report: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run one parsed sub-command."""
     if args.command == "summary":
-        print(json.dumps(summary(args), indent=2))
+        print(json.dumps(summary(args), indent=2, ensure_ascii=False))
     else:
         report = prepare(args)
         if args.json:
-            print(json.dumps(report, indent=2))
+            print(json.dumps(report, indent=2, ensure_ascii=False))
         else:
             print_prepare_report(report)
     return 0

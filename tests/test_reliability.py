@@ -127,6 +127,11 @@ def test_kill_and_resume_matches_an_uninterrupted_run(folder_root, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     assert "rerun the same command to resume" in stderr
     assert not list(out.rglob("results.json"))
+    import torch
+
+    saved = torch.load(next(out.rglob("checkpoint.pt")), map_location="cpu", weights_only=False)
+    step = saved["step"]  # 12 train images in batches of 8 and 4 (the last partial batch is kept)
+    assert saved["seconds"] > 0 and saved["images"] == (step // 2) * 12 + (step % 2) * 8
 
     resumed = run("main_lora.py", *_resume_args(folder_root, out))
     assert resumed.returncode == 0, resumed.stderr
@@ -134,6 +139,11 @@ def test_kill_and_resume_matches_an_uninterrupted_run(folder_root, tmp_path):
     got = json.loads(next(out.rglob("results.json")).read_text())
     assert got["timing"]["resumed_from_step"] > 0
     assert got["metrics"] == expected["metrics"]
+    # timing covers both attempts: the interrupted one's seconds and every step's images
+    assert got["timing"]["train_seconds"] > saved["seconds"]
+    images = got["timing"]["images_per_second"] * got["timing"]["train_seconds"]
+    assert images == pytest.approx(expected["timing"]["images_per_second"] * expected["timing"]["train_seconds"],
+                                   rel=0.01)
     assert not list(out.rglob("checkpoint.pt"))
 
 

@@ -428,7 +428,9 @@ def _record(ctx: RunContext, plan: Plan, metrics: dict, stages: list[dict], trai
                 "images_per_second": _mean_rate(stages),
                 "resumed_from_step": stages[-1]["resumed_from_step"] if stages else 0},
         method_notes=plan.notes, env=res.environment(str(ctx.device), ctx.precision),
-        world_size=dist.world_size(), per_process_batch=-(-ctx.config.batch_size // dist.world_size()), **extra,
+        world_size=dist.world_size(), per_process_batch=-(-ctx.config.batch_size // dist.world_size()),
+        peak_gpu_memory_bytes=torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else None,
+        **extra,
     )
 
 

@@ -238,6 +238,16 @@ def _methods(args: argparse.Namespace) -> list[str]:
     return names
 
 
+def _has_levels(dataset: str) -> bool:
+    """Whether --level applies to this dataset (its registry entry has label levels)."""
+    from datasets import get_dataset
+
+    try:
+        return bool(get_dataset(dataset).levels)
+    except UserError:
+        return False  # an unknown name fails with its own message when its runs are checked
+
+
 def _job(run_args: list[str], method: str) -> Job:
     """Check one run's arguments with the entry points' own parser and locate its folder."""
     from methods import get_method
@@ -273,7 +283,7 @@ def expand(args: argparse.Namespace) -> list[Job]:
     for method in _methods(args):
         extra = flags_for(method, groups)
         for dataset in _words(args.datasets, "--datasets"):
-            for level in levels if dataset == "hicervix" else [None]:
+            for level in levels if _has_levels(dataset) else [None]:
                 for model in _words(args.models, "--models"):
                     for weights in _weights_list(args.weights):
                         for shots, pct in _data_axis(args):

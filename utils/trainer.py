@@ -164,6 +164,9 @@ class Trainer:
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy):
         self.module = module
         self.loss_fn = loss_fn
+        self._seconds_before, self._images_before = 0.0, 0  # earlier attempts of this stage (from a checkpoint)
+        self._t0: float | None = None
+        self._images_now = 0
         self.extra_loss = extra_loss
         self.checkpoint_name = checkpoint_name
         self.s = settings
@@ -201,6 +204,9 @@ class Trainer:
                     "scheduler": self.scheduler.state_dict(),
                     "scaler": self.scaler.state_dict(),
                     "rng": rng_state(),
+                    # time and images of every attempt so far, so that a resumed run's timing adds up
+                    "seconds": self._seconds_so_far(),
+                    "images": self._images_before + self._images_now,
                 }
                 atomic_write(path, lambda tmp: torch.save(state, tmp))
         return path
@@ -224,6 +230,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
+        self._seconds_before = float(state.get("seconds", 0.0))
+        self._images_before = int(state.get("images", 0))
         return self.step
 
     def remove_checkpoint(self) -> None:
@@ -253,7 +261,8 @@ class Trainer:
         forward = self._forward_module()
         progress = tqdm(total=s.total_steps, initial=start, desc=desc, unit="step", leave=False,
                         **dist.quiet_unless_main())
-        t0 = time.perf_counter()
+        t0 = self._t0 = time.perf_counter()
+        self._images_now = 0
         with _catch_signals() as received:
             for item in batches(start):
                 if self.step >= s.total_steps:
@@ -261,12 +270,15 @@ class Trainer:
                 inputs, labels, shard = _local_part(item)
                 loss_value, stop = self._one_step(forward, inputs, labels, shard, prepare, received)
                 images += shard.total
+                self._images_now = images
                 self.step += 1
                 progress.update(1)
                 if self.step % s.log_every == 0 or self.step == s.total_steps:
                     progress.set_postfix(loss=f"{loss_value:.4f}")
                     if log is not None:
-                        log({"train/loss": loss_value, "train/lr": self.scheduler.get_last_lr()[0]}, self.step)
+                        rate = images / max(time.perf_counter() - t0, 1e-9)
+                        log({"train/loss": loss_value, "train/lr": self.scheduler.get_last_lr()[0],
+                             "train/images_per_second": rate}, self.step)
                 if stop:  # every rank agrees on the step, so they all stop together
                     path = self.save_checkpoint()
                     progress.close()
@@ -276,8 +288,14 @@ class Trainer:
         progress.close()
         if s.device.type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        return TrainStats(self.step - start, images, seconds, loss_value, start)
+        seconds = self._seconds_so_far()
+        self._t0 = None
+        return TrainStats(self.step - start, self._images_before + images, seconds, loss_value, start)
+
+    def _seconds_so_far(self) -> float:
+        """Training time of this stage over every attempt: earlier ones (from the checkpoint) and this one."""
+        now = 0.0 if self._t0 is None else time.perf_counter() - self._t0
+        return self._seconds_before + now
 
     def _forward_module(self) -> nn.Module:
         """The module itself, or under torchrun a DistributedDataParallel wrapper that averages gradients."""
