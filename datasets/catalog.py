@@ -62,6 +62,7 @@ register(DatasetInfo(
 ))
 register(DatasetInfo(
     name="demo",
+    synthetic=True,
     description="synthetic cells drawn on first use (software check only, not medical data)",
     reader=read_demo,
     layout=CLASS_FOLDERS,

@@ -60,6 +60,7 @@ class DatasetInfo:
     protocols: tuple[str, ...] = (DEFAULT_PROTOCOL,)
     needs_root: bool = True
     generic: bool = False  # a layout for any data (folder, csv): runs are named by --dataset_name
+    synthetic: bool = False  # generated data: runs say so, and the default model is the small test model
     # hierarchy(root, level_fallback) -> {deepest-level label: (level_1, level_2)}, for datasets whose
     # labels form a tree; the engine then reports accuracy at the upper levels and mistake distances.
     hierarchy: Callable | None = None

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from common.errors import UserError, exit_status
-from utils.config import RunConfig
+from utils.config import DEFAULT_MODEL, SYNTHETIC_MODEL, RunConfig
 from utils.presets import PRESETS
 
 DEFAULTS = RunConfig()
@@ -169,7 +169,7 @@ def build_parser(default_method: str, prog: str) -> argparse.ArgumentParser:
 def _demo_overrides(inputs: str) -> dict:
     """The settings of the no-argument demo: small, offline, under a minute on two CPU cores."""
     on_images = inputs == "images"
-    return dict(dataset="demo", model_name="tiny_clip", shots=16, n_iters=25 if on_images else 100,
+    return dict(dataset="demo", model_name=SYNTHETIC_MODEL, shots=16, n_iters=25 if on_images else 100,
                 lr=1e-3 if on_images else 1e-2, batch_size=32, demo=True, output_dir=os.path.join("results", "demo"))
 
 
@@ -245,13 +245,13 @@ def _resolve_settings(method, settings: dict) -> dict:
 
 def _resolve(config: RunConfig, given: dict, preset: dict) -> None:
     """Model, backbone and label level resolved through their registries, so folders name what runs."""
-    from datasets.registry import resolve_level, resolve_level_fallback, resolve_protocol
+    from datasets.registry import get_dataset, resolve_level, resolve_level_fallback, resolve_protocol
     from models.registry import resolve, resolve_backbone
 
     if config.percentage == 0 and config.shots != 0:
         config.percentage = None  # the paper's scripts pass --pourcentage 0 to mean "not used"
     if "model_name" not in given and "model_name" not in preset and not config.demo:
-        config.model_name = "tiny_clip" if config.dataset == "demo" else "clip"
+        config.model_name = SYNTHETIC_MODEL if get_dataset(config.dataset).synthetic else DEFAULT_MODEL
     entry, _ = resolve(config.model_name)
     config.backbone = resolve_backbone(entry, config.model_name, config.backbone)
     level = config.level if "level" in given else None

@@ -71,6 +71,9 @@ class RunConfig:
 
 # Settings that say where or how a run executes, not what it computes: a checkpoint resumes
 # across them, and the report groups runs without them.
+DEFAULT_MODEL = "clip"  # the paper's default model for real data
+SYNTHETIC_MODEL = "tiny_clip"  # the small offline model of the synthetic demo data
+
 RUNTIME_FIELDS = frozenset({"output_dir", "device", "num_workers", "wandb", "wandb_project", "wandb_entity",
                             "overwrite", "eval_only", "run",
                             "checkpoint_every", "demo"})

@@ -141,6 +141,12 @@ class RunContext:
         return self.epoch_steps()
 
 
+def _synthetic(config: RunConfig) -> bool:
+    from datasets import get_dataset
+
+    return get_dataset(config.dataset).synthetic
+
+
 def load_data(config: RunConfig):
     """The run's split, checked against --num_classes."""
     from datasets import load_split
@@ -185,7 +191,7 @@ def prepare_context(config: RunConfig) -> RunContext | None:
     from models import load_model
 
     out = Path(config.run) if config.eval_only else run_dir(config)
-    if config.dataset == "demo":
+    if _synthetic(config):
         print(DEMO_BANNER, file=sys.stderr)
     if not config.eval_only and res.is_finished(out) and not config.overwrite:
         print(f"already finished: {out / res.RESULTS_FILE} (add --overwrite to run it again)")
@@ -416,7 +422,7 @@ def _record(ctx: RunContext, plan: Plan, metrics: dict, stages: list[dict], trai
     total = sum(p.numel() for p in {id(p): p for p in _all_parameters(ctx, plan)}.values())
     return res.build_record(
         ctx.config.to_dict(),
-        level=split.level, synthetic_demo=ctx.config.dataset == "demo",
+        level=split.level, synthetic_demo=_synthetic(ctx.config),
         model={"key": ctx.spec.key, "weights": ctx.spec.weights, "feature_dim": ctx.spec.feature_dim,
                "input_size": ctx.spec.input_size},
         classes=list(split.classes), n_train=len(split.train), n_val=len(split.val), n_test=len(split.test),
@@ -468,7 +474,7 @@ def summary(ctx: RunContext, metrics: dict, path: Path, stages: list[dict]) -> N
             print(f"train {s['name']}: {s['steps_run']} steps in {s['train_seconds']:.1f} s "
                   f"({s['images_per_second']:.1f} images/s)")
     print(f"results: {path}")
-    if ctx.config.dataset == "demo":
+    if _synthetic(ctx.config):
         print(DEMO_BANNER)
 
 
