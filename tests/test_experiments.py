@@ -176,6 +176,8 @@ def test_wandb_without_a_login_runs_offline_and_never_asks(folder_root, tmp_path
     assert "offline" in p.stderr
     run_folder = results_in(out)[0].parent
     assert list((run_folder / "wandb").glob("offline-run-*")), list(run_folder.rglob("*"))
+    # the end of the run: confusion matrix and per-class recall as wandb tables
+    assert list(run_folder.rglob("confusion_matrix*.table.json")) and list(run_folder.rglob("per_class_recall*.json"))
 
 
 def test_paper_percentage_zero_means_unused_in_few_shot_mode():

@@ -518,7 +518,7 @@ def run(config: RunConfig) -> int:
                 record = _record(ctx, plan, metrics, stages, trainable, **calibration)
                 path = res.write_results(ctx.out / res.RESULTS_FILE, record)
                 remove_checkpoints(ctx.out)
-                tracker.summary(_flat(metrics))
+                tracker.results(record)  # val/test metrics, confusion matrix and per-class recall tables
                 tracker.finish()
                 summary(ctx, metrics, path, stages)
     return 0
@@ -576,9 +576,6 @@ def open_run(folder: str | Path, args: list[str] | tuple[str, ...] = ()) -> tupl
     plan.model.eval()
     return ctx, plan
 
-
-def _flat(metrics: dict) -> dict:
-    return {f"{part}/{k}": v for part, m in metrics.items() for k, v in m.items() if isinstance(v, (int, float))}
 
 
 def method_settings_of(config: RunConfig) -> dict:
