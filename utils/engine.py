@@ -577,7 +577,6 @@ def open_run(folder: str | Path, args: list[str] | tuple[str, ...] = ()) -> tupl
     return ctx, plan
 
 
-
 def method_settings_of(config: RunConfig) -> dict:
     """The resolved settings of the config's method as plain values."""
     method = get_method(config.method)
