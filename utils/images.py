@@ -184,7 +184,7 @@ def check_decodable(paths: Sequence[str], cache_file: Path | None = None) -> Non
             load_image(path)
             good.append(_stamp(path))
         except DatasetError as exc:
-            bad.append(f"{path} ({str(exc).split('(')[-1].rstrip(')').split(';')[0]})")
+            bad.append(f"{path} ({str(exc).split('(')[-1].split(';')[0].rstrip(')')})")
     if cache_file is not None and good:
         write_json_atomic(cache_file, sorted(known | set(good)))
     if bad:
