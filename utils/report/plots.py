@@ -11,7 +11,7 @@ from pathlib import Path
 
 from utils.config import RunConfig, data_label, method_label, model_label
 from utils.report.load import HEADLINE, RESULTS_FILE, Group, ReportError, _read_one, arm_label
-from utils.report.tables import _arm_rank, _column_label, _column_order, _dataset_name
+from utils.report.tables import _arm_rank, _column_label, _column_order, by_dataset, by_slot
 from utils.stats import Summary, summarize
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
@@ -49,19 +49,11 @@ def _curve_points(members: Sequence[Group], varying: Sequence[str],
     return {k: sorted(v, key=lambda p: p[0]) for k, v in curves.items()}
 
 
-def _by_dataset(groups: Sequence[Group]) -> list[tuple[str, list[Group]]]:
-    """Groups gathered per dataset (with its label level), datasets in sorted order."""
-    by_dataset: dict[str, list[Group]] = defaultdict(list)
-    for g in groups:
-        by_dataset[_dataset_name(g.config)].append(g)
-    return sorted(by_dataset.items())
-
-
 def plot_curves(groups: Sequence[Group], varying: Sequence[str], out: Path) -> list[Path]:
     """Test balanced accuracy vs shots (and vs percentage) per dataset, one styled line per arm, CI bands."""
     plt = _pyplot()
     written = []
-    for dataset, members in _by_dataset(groups):
+    for dataset, members in by_dataset(groups):
         for percentage, axis in ((False, "shots per class (K)"), (True, "% of training data")):
             curves = _curve_points(members, varying, percentage)
             if not curves:
@@ -131,11 +123,8 @@ def plot_confusion_sums(groups: Sequence[Group], varying: Sequence[str], out: Pa
     """Per dataset and data size, one test confusion matrix per arm, summed over its seeds."""
     plt = _pyplot()
     written = []
-    slots: dict[tuple, list[Group]] = defaultdict(list)
-    for g in groups:
-        if all(r.data["metrics"]["test"].get("confusion_matrix") for r in g.runs):
-            slots[(_dataset_name(g.config), _column_order(g.config), _column_label(g.config))].append(g)
-    for (dataset, _, data), members in sorted(slots.items()):
+    with_matrices = [g for g in groups if all(r.data["metrics"]["test"].get("confusion_matrix") for r in g.runs)]
+    for (dataset, _, data), members in by_slot(with_matrices):
         members = sorted(members, key=_arm_rank)
         classes = members[0].runs[0].data.get("classes") or []
         n = len(classes)
@@ -158,7 +147,7 @@ def plot_methods(groups: Sequence[Group], varying: Sequence[str], out: Path) -> 
     """
     plt = _pyplot()
     written = []
-    for dataset, members in _by_dataset(groups):
+    for dataset, members in by_dataset(groups):
         arms = list(dict.fromkeys(arm_label(g, varying) for g in sorted(members, key=_arm_rank)))
         if len(arms) < 2:
             continue
@@ -214,11 +203,7 @@ def plot_reliability(groups: Sequence[Group], varying: Sequence[str], out: Path)
     arm, with the number of test images in each bin written above its bar (pooled over seeds)."""
     plt = _pyplot()
     written = []
-    slots: dict[tuple, list[Group]] = defaultdict(list)
-    for g in groups:
-        if pooled_reliability(g):
-            slots[(_dataset_name(g.config), _column_order(g.config), _column_label(g.config))].append(g)
-    for (dataset, _, data), members in sorted(slots.items()):
+    for (dataset, _, data), members in by_slot([g for g in groups if pooled_reliability(g)]):
         members = sorted(members, key=_arm_rank)
         fig, axes = plt.subplots(1, len(members), figsize=(3.2 * len(members), 3.4), squeeze=False)
         for ax, g in zip(axes[0], members, strict=True):

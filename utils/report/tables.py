@@ -267,13 +267,26 @@ def _dataset_name(c: RunConfig) -> str:
     return f"{name} ({c.level})" if c.level else name
 
 
+def by_dataset(groups: Sequence[Group]) -> list[tuple[str, list[Group]]]:
+    """Groups gathered per dataset (with its label level), datasets in sorted order."""
+    out: dict[str, list[Group]] = defaultdict(list)
+    for g in groups:
+        out[_dataset_name(g.config)].append(g)
+    return sorted(out.items())
+
+
+def by_slot(groups: Sequence[Group]) -> list[tuple[tuple[str, tuple, str], list[Group]]]:
+    """Groups gathered per (dataset, data size): key (dataset name, column order, column label), sorted."""
+    out: dict[tuple, list[Group]] = defaultdict(list)
+    for g in groups:
+        out[(_dataset_name(g.config), _column_order(g.config), _column_label(g.config))].append(g)
+    return sorted(out.items())
+
+
 def markdown_tables(groups: Sequence[Group], varying: Sequence[str], metric: str) -> list[str]:
     """Per dataset: rows = model and method, columns = shots or percentages, cells = mean ± CI half-width."""
     lines: list[str] = []
-    by_dataset: dict[str, list[Group]] = defaultdict(list)
-    for group in groups:
-        by_dataset[_dataset_name(group.config)].append(group)
-    for dataset, members in sorted(by_dataset.items()):
+    for dataset, members in by_dataset(groups):
         columns = sorted({_column_label(g.config): _column_order(g.config) for g in members}.items(),
                          key=lambda kv: kv[1])
         arms: dict[str, dict[str, Group]] = defaultdict(dict)
@@ -294,10 +307,7 @@ def method_tables(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
     """Per dataset and data size: one column per arm (model and method), with balanced accuracy (mean and
     95% t-interval), trainable parameters and mean train seconds."""
     lines: list[str] = []
-    by_slot: dict[tuple, list[Group]] = defaultdict(list)
-    for g in groups:
-        by_slot[(_dataset_name(g.config), _column_order(g.config), _column_label(g.config))].append(g)
-    for (dataset, _, data), members in sorted(by_slot.items()):
+    for (dataset, _, data), members in by_slot(groups):
         members = sorted(members, key=_arm_rank)
         labels = [arm_label(g, varying) for g in members]
         lines += [f"### {dataset}, {data}", "", "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
@@ -312,7 +322,7 @@ def method_tables(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
 def setting_table(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
     """One row per setting: every test metric as mean ± t half-width, the lr, the seeds and the chance level."""
     lines: list[str] = []
-    for dataset, members in _by_dataset_groups(groups):
+    for dataset, members in by_dataset(groups):
         headline = members[0].runs[0].headline
         metrics = METRICS.get(headline, METRICS["balanced_accuracy"])
         chance = "0.5 (AUROC)" if headline == "macro_auroc" else f"{100 / max(1, _n_classes(members[0])):.1f}"
@@ -330,7 +340,7 @@ def setting_table(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
 def recall_table(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
     """Mean test recall of each class per setting (single-label data)."""
     lines: list[str] = []
-    for dataset, members in _by_dataset_groups(groups):
+    for dataset, members in by_dataset(groups):
         members = [g for g in members if g.runs[0].data["metrics"]["test"].get("per_class_recall")]
         if not members:
             continue
@@ -345,13 +355,6 @@ def recall_table(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
             lines.append(f"| {arm_label(g, varying)} | {_column_label(g.config)} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
-
-
-def _by_dataset_groups(groups: Sequence[Group]) -> list[tuple[str, list[Group]]]:
-    by_dataset: dict[str, list[Group]] = defaultdict(list)
-    for g in groups:
-        by_dataset[_dataset_name(g.config)].append(g)
-    return sorted(by_dataset.items())
 
 
 def _n_classes(group: Group) -> int:
