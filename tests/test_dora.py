@@ -22,17 +22,16 @@ from lora import (
     read_lora_settings,
     save_lora,
 )
-from tests.test_lora import assert_near, pw_keys
+from tests.test_lora import ALPHA, R, assert_near, pw_keys
+from tests.test_lora import inject as lora_inject
 from tests.test_lora_cases import CASES, Case, efficientnet, hf_bert, hf_vit, run_bert, run_image_model
 
 IDS = [c.name for c in CASES]
-R, ALPHA = 2, 3.0
 
 
 def inject(case: Case, model: nn.Module, **kw) -> list[nn.Module]:
-    settings = {"params": case.params, "r": R, "alpha": ALPHA, "dropout_rate": 0.25, "position": case.position,
-                "encoder": case.encoder, "dora": True} | kw
-    return apply_lora(model, **settings)
+    """The LoRA tests' injection, as DoRA."""
+    return lora_inject(case, model, **({"dora": True} | kw))
 
 
 def perturb(model: nn.Module, seed: int = 0) -> None:

@@ -8,7 +8,6 @@ Precedence: RunConfig defaults < the method's own lr < --preset < flags given.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import re
 import sys
@@ -311,10 +310,6 @@ def _validate(config: RunConfig) -> None:
         raise UserError("--eval_only needs --run (a finished run folder)")
     if config.weights and config.weights != "random" and not os.path.exists(config.weights):
         raise UserError(f"--weights {config.weights} does not exist: give a local weights file or folder, or 'random'")
-
-
-def config_fields() -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(RunConfig))
 
 
 def run_cli(main: Callable[[], int]) -> int:

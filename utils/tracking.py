@@ -21,10 +21,8 @@ class Tracker:
         import wandb
 
         classes = record.get("classes", [])
-        for part, metrics in record.get("metrics", {}).items():
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.run.summary[f"{part}/{key}"] = value
+        self.summary({f"{part}/{key}": value for part, metrics in record.get("metrics", {}).items()
+                      for key, value in metrics.items() if isinstance(value, (int, float))})
         test = record.get("metrics", {}).get("test", {})
         tables = {}
         if test.get("confusion_matrix"):

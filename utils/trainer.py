@@ -234,10 +234,6 @@ class Trainer:
         self._images_before = int(state.get("images", 0))
         return self.step
 
-    def remove_checkpoint(self) -> None:
-        if self.checkpoint_path is not None:
-            self.checkpoint_path.unlink(missing_ok=True)
-
     # -- training ----------------------------------------------------------------------
     def fit(
         self,
@@ -376,24 +372,3 @@ def collect_batches(
             outputs = fn(prepare(inputs.to(device)))
         out.append((outputs.float().cpu(), torch.as_tensor(labels)))
     return out
-
-
-def collect_outputs(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    module: nn.Module,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    prepare: Callable[[torch.Tensor], torch.Tensor],
-    device: torch.device,
-    precision: str,
-    total: int | None = None,
-    desc: str = "eval",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """collect_batches concatenated: float32 outputs and labels of every batch."""
-    per_batch = collect_batches(fn, module, batches, prepare, device, precision, total, desc)
-    return torch.cat([o for o, _ in per_batch]), torch.cat([y for _, y in per_batch])
-
-
-def predict(module: nn.Module, batches, prepare, device, precision, total=None, desc="eval"):
-    """Softmax probabilities and labels of a classifier over a stream of batches."""
-    logits, labels = collect_outputs(module, module, batches, prepare, device, precision, total, desc)
-    return logits.softmax(dim=1), labels
