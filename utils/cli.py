@@ -143,6 +143,12 @@ def build_parser(default_method: str, prog: str) -> argparse.ArgumentParser:
          "positives by its negative/positive ratio in train (default: none)")
     _add(g, "--drop_last", type=_bool, help="True: drop each epoch's last partial batch (default: False, as the "
          "original code)")
+    _add(g, "--select", choices=("last", "best_val"), help="last: evaluate the last iterate (the paper); best_val: "
+         "the step with the best validation headline metric (default: last)")
+    _add(g, "--eval_every", type=int, help="validate every N steps (recorded as a curve; with --select best_val "
+         "the default is 10 times per stage)")
+    _add(g, "--compat", choices=("none", "seed"), help="seed: reproduce the original code's quirks for its exact "
+         "numbers (README: Differences from the original code; default: none)")
     _add(g, "--warmup_steps", type=int, default_of="warmup_steps")
     _add(g, "--weight_decay", type=float, default_of="weight_decay")
     _add(g, "--checkpoint_every", type=int, help="steps between checkpoints", default_of="checkpoint_every")
@@ -152,6 +158,7 @@ def build_parser(default_method: str, prog: str) -> argparse.ArgumentParser:
     _add(g, "--device", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps, cpu", default_of="device")
     _add(g, "--precision", choices=["auto", "fp32", "bf16", "fp16"], default_of="precision")
     _add(g, "--num_workers", type=int, default_of="num_workers")
+    _add(g, "--compile", type=_bool, help="True: torch.compile the trained module (for GPU runs; default: False)")
     _add(g, "--wandb", action="store_const", const=True, help="log to Weights & Biases (offline without a login)")
     _add(g, "--wandb_project", help="wandb project (default: $WANDB_PROJECT, else cytology-lora)")
     _add(g, "--wandb_entity", help="wandb entity (default: $WANDB_ENTITY, else your default entity)")
@@ -300,6 +307,8 @@ def _validate(config: RunConfig) -> None:
         raise UserError(f"--warmup_steps must be at least 0, got {config.warmup_steps}")
     if config.lr <= 0:
         raise UserError(f"--lr must be positive, got {config.lr:g}")
+    if config.eval_every is not None and config.eval_every < 1:
+        raise UserError(f"--eval_every must be at least 1 step, got {config.eval_every}")
     if config.fold is not None and config.cv is None:
         raise UserError("--fold needs --cv K (the number of folds)")
     if config.cv is not None:

@@ -43,6 +43,9 @@ class RunConfig:
     batch_size: int = 32
     pos_weight: str = "none"  # multi-label: "auto" weights each label's positives by negatives/positives
     drop_last: bool = False  # True drops each epoch's last partial batch (the original code keeps it)
+    compat: str = "none"  # "seed": reproduce the original code's quirks (README, Differences from the original code)
+    select: str = "last"  # "last": the paper's last iterate; "best_val": the step with the best validation headline
+    eval_every: int | None = None  # validation every N steps (with --select best_val: 10 times per stage if unset)
     weight_decay: float = 1e-2
     warmup_steps: int = 50
     min_lr: float = 1e-6
@@ -58,6 +61,7 @@ class RunConfig:
     run: str | None = None
     overwrite: bool = False
     checkpoint_every: int = 200
+    compile: bool = False  # torch.compile the trained module (GPU runs; same numbers, faster steps)
     demo: bool = False
 
     def to_dict(self) -> dict:
@@ -76,7 +80,7 @@ SYNTHETIC_MODEL = "tiny_clip"  # the small offline model of the synthetic demo d
 
 RUNTIME_FIELDS = frozenset({"output_dir", "device", "num_workers", "wandb", "wandb_project", "wandb_entity",
                             "overwrite", "eval_only", "run",
-                            "checkpoint_every", "demo"})
+                            "checkpoint_every", "compile", "demo"})
 # Recorded, but derived from the others: two runs that differ only here compute the same thing.
 DERIVED_FIELDS = frozenset({"preset", "experiment"})
 
