@@ -13,6 +13,8 @@ usage: bash launch_run.sh --experiment {1,2,3} --datasets "D ..." --models "M ..
   --shots "..."        experiments 1-2 (default "1 2 4 8 16"; -1 = all images)
   --percentages "..."  experiment 3 (default "1 10 50 100")
   --seeds "..."        default "1 2 3"
+  --folds K            folder and csv data: every combination runs K times, --cv K --fold i for i = 0..K-1
+                       (K >= 2; run folders end in -fold<i>of<K>; the report treats folds like seeds)
   --lrs "..."          default: the paper's learning rate
   --weights "..."      "pretrained" (default), "random", or a local file; "pretrained random" runs both
   --level L            HiCervix level(s), e.g. level_3

@@ -381,6 +381,10 @@ MISTAKES = [
     (["--root_path", "/no/such/folder"], "/no/such/folder"),
     (["--step_seconds", "2"], "--step_seconds goes with --estimate"),
     (["--estimate", "--step_seconds", "0"], "--step_seconds must be positive"),
+    (["--folds", "1"], "--folds must be at least 2"),
+    (["--folds", "3", "--extra", "--cv 5"], "drop --cv from --extra"),
+    (["--folds", "3", "--extra", "--fold=1 --r 4"], "drop --fold from --extra"),
+    (["--folds", "3"], "--folds applies to folder and csv data"),  # demo has its own validation split
 ]
 
 
@@ -421,7 +425,7 @@ def test_launch_without_arguments_prints_usage():
 def test_launch_help_documents_every_mode():
     done = launch("--help")
     assert done.returncode == 0
-    for option in ("--dry_run", "--gpus", "--slurm", "--estimate", "--step_seconds"):
+    for option in ("--dry_run", "--gpus", "--slurm", "--estimate", "--step_seconds", "--folds"):
         assert option in done.stdout
 
 
@@ -514,3 +518,67 @@ def test_methods_run_on_the_same_grid_each_from_its_entry_point_with_only_its_fl
     assert "--r" not in by_method["linear"] and "--k" not in by_method["linear"]
     assert all("--batch_size 4" in c for c in commands)  # a run flag reaches every method
     assert "/knn-k3/" in by_method["knn"] and "/lora-qv-r4-all-vision/" in by_method["lora"]
+
+
+def _fold_grid(root: Path, out: Path, *more: str) -> list[str]:
+    """Experiment 2 on folder data, tiny_clip, seed 1, 3-fold cross-validation."""
+    return ["--experiment", "2", "--datasets", "folder", "--root_path", str(root), "--models", "tiny_clip",
+            "--seeds", "1", "--folds", "3", "--output_dir", str(out), *more]
+
+
+def test_folds_run_every_fold_of_every_combination(tmp_path, two_class_root, capsys):
+    args = sweep.build_parser().parse_args(_fold_grid(two_class_root, tmp_path, "--shots", "1 2"))
+    jobs = sweep.expand(args)
+    assert len(jobs) == 6 and len({job.folder for job in jobs}) == 6
+    for shots in (1, 2):
+        mine = [job for job in jobs if job.config.shots == shots]
+        assert [(job.config.cv, job.config.fold) for job in mine] == [(3, 0), (3, 1), (3, 2)]
+        for i, job in enumerate(mine):
+            assert job.args[0] == "main_lora.py" and job.args[job.args.index("--fold") + 1] == str(i)
+            parsed = parse_config(job.args[1:], "lora", prog=job.args[0])  # the entry points' own parser
+            assert (parsed.cv, parsed.fold) == (3, i) and run_dir(parsed) == job.folder
+            assert job.folder.name.startswith(f"seed1-fold{i}of3-")
+    done = sweep_main(capsys, *_fold_grid(two_class_root, tmp_path, "--shots", "1 2"), "--dry_run")
+    assert done.returncode == 0, done.stderr
+    commands = done.stdout.strip().splitlines()[1:]
+    assert done.stdout.startswith("# 6 combinations: 6 to run") and len(commands) == 6
+    assert sorted(c.split("--fold ")[1].split()[0] for c in commands) == ["0", "0", "1", "1", "2", "2"]
+    assert all("--cv 3 " in c for c in commands)
+
+
+def test_folds_finished_folds_are_skipped(tmp_path, two_class_root, capsys):
+    args = _fold_grid(two_class_root, tmp_path, "--shots", "1")
+    jobs = sweep.expand(sweep.build_parser().parse_args(args))
+    finish(jobs[1].config)
+    done = sweep_main(capsys, *args, "--dry_run")
+    assert done.stdout.startswith("# 3 combinations: 2 to run, 1 already finished")
+    assert "--fold 1 " not in done.stdout
+
+
+def test_folds_estimate_counts_each_fold_on_its_own_split(tmp_path, two_class_root, capsys, monkeypatch):
+    from utils import estimate as est
+    from utils.engine import load_data
+
+    monkeypatch.setattr(est, "measure", lambda *a, **k: pytest.fail("--step_seconds must time nothing"))
+    args = _fold_grid(two_class_root, tmp_path, "--shots", "-1")
+    done = sweep_main(capsys, *args, "--estimate", "--step_seconds", "1")
+    assert done.returncode == 0, done.stderr
+    assert "estimate: 3 runs to run, 0 finished" in done.stdout
+    # lora evaluates val and test of each run on images: each fold's own validation part
+    splits = [load_data(job.config) for job in sweep.expand(sweep.build_parser().parse_args(args))]
+    assert len({tuple(p for p, _ in s.val) for s in splits}) == 3
+    evaluated = sum(len(s.val) + len(s.test) for s in splits)
+    assert f"forward passes without training: {evaluated:,} images" in done.stdout
+
+
+def test_folds_reach_the_slurm_array(tmp_path, two_class_root, monkeypatch, capsys):
+    out = tmp_path / "out"
+    monkeypatch.setenv("PATH", _path_without_sbatch(tmp_path))
+    done = sweep_main(capsys, *_fold_grid(two_class_root, out, "--shots", "1"), "--slurm")
+    assert done.returncode == 0, done.stderr
+    (folder,) = (out / "sweeps").iterdir()
+    assert "#SBATCH --array=0-2\n" in (folder / "sweep.sbatch").read_text()
+    commands = (folder / "commands.txt").read_text().splitlines()
+    folders = (folder / "run_dirs.txt").read_text().splitlines()
+    assert [c.split("--cv ")[1].split()[:3] for c in commands] == [["3", "--fold", str(i)] for i in range(3)]
+    assert [Path(f).name.split("-")[1] for f in folders] == ["fold0of3", "fold1of3", "fold2of3"]

@@ -1,5 +1,5 @@
 """Resumable sweeps: every combination of methods x datasets x models x weights x shots (or percentages)
-x lrs x seeds.
+x lrs x seeds (x cross-validation folds with --folds K).
 
 One process expands the whole grid, builds each run's argument list and checks it with the
 same parser the entry points use (so the run folder the sweep expects is the one the run
@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--percentages", default=None,
                    help=f'percentages of each class, run with --shots 0 (experiment 3 default "{DEFAULT_PERCENTAGES}")')
     p.add_argument("--seeds", default=DEFAULT_SEEDS)
+    p.add_argument("--folds", type=int, default=None,
+                   help="folder and csv data: run every fold 0..K-1 of K-fold cross-validation (--cv K --fold i) "
+                        "of every combination")
     p.add_argument("--lrs", default=None, help="learning rates (default: each method's own)")
     p.add_argument("--weights", default="pretrained",
                    help='space-separated: "pretrained" (usual weights), "random", or a local file per entry')
@@ -248,6 +251,34 @@ def _has_levels(dataset: str) -> bool:
         return False  # an unknown name fails with its own message when its runs are checked
 
 
+def _folds(args: argparse.Namespace, groups: list[list[str]]) -> list[list[str]]:
+    """The fold axis: the flags of each fold's run, --cv K --fold i for i in 0..K-1; without --folds, one
+    run with no such flags (--extra may still pass --cv and --fold to every run)."""
+    if args.folds is None:
+        return [[]]
+    if args.folds < 2:
+        raise SweepError(f"--folds must be at least 2 (K-fold cross-validation), got {args.folds}")
+    for group in groups:
+        name = group[0][2:].split("=", 1)[0]
+        if name in ("cv", "fold"):
+            raise SweepError(f"--folds {args.folds} sets --cv and --fold of every run; drop --{name} from --extra")
+    for dataset in _words(args.datasets, "--datasets"):
+        if _is_generic(dataset) is False:
+            raise SweepError(f"--folds applies to folder and csv data, which have no fixed validation split; "
+                             f"{dataset} has its own")
+    return [["--cv", str(args.folds), "--fold", str(i)] for i in range(args.folds)]
+
+
+def _is_generic(dataset: str) -> bool | None:
+    """Whether the dataset is folder or csv data (--cv applies); None for an unknown name."""
+    from datasets import get_dataset
+
+    try:
+        return bool(get_dataset(dataset).generic)
+    except UserError:
+        return None  # an unknown name fails with its own message when its runs are checked
+
+
 def _job(run_args: list[str], method: str) -> Job:
     """Check one run's arguments with the entry points' own parser and locate its folder."""
     from methods import get_method
@@ -262,8 +293,9 @@ def _job(run_args: list[str], method: str) -> Job:
 
 
 def expand(args: argparse.Namespace) -> list[Job]:
-    """Every combination of the grid, in a stable order (seeds innermost)."""
+    """Every combination of the grid, in a stable order (seeds, then folds, innermost)."""
     groups = split_flags(args.extra)
+    folds = _folds(args, groups)
     output_dir = str(Path(args.output_dir).expanduser().resolve())
     root: list[str] = []
     if args.root_path:
@@ -289,13 +321,14 @@ def expand(args: argparse.Namespace) -> list[Job]:
                         for shots, pct in _data_axis(args):
                             for lr in lrs:
                                 for seed in seeds:
-                                    run_args = ["--method", method, "--dataset", dataset, "--model_name", model,
-                                                "--seed", seed, "--shots", shots, *common]
-                                    run_args += ["--pourcentage", pct] if pct is not None else []
-                                    run_args += ["--lr", lr] if lr is not None else []
-                                    run_args += ["--level", level] if level else []
-                                    run_args += ["--weights", weights] if weights else []
-                                    jobs.append(_job(run_args + extra, method))
+                                    for fold in folds:
+                                        run_args = ["--method", method, "--dataset", dataset, "--model_name",
+                                                    model, "--seed", seed, "--shots", shots, *fold, *common]
+                                        run_args += ["--pourcentage", pct] if pct is not None else []
+                                        run_args += ["--lr", lr] if lr is not None else []
+                                        run_args += ["--level", level] if level else []
+                                        run_args += ["--weights", weights] if weights else []
+                                        jobs.append(_job(run_args + extra, method))
     _refuse_collisions(jobs)
     return jobs
 
