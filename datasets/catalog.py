@@ -3,7 +3,7 @@
 from datasets import prepare, tabular
 from datasets.hicervix import hicervix_tree, read_hicervix
 from datasets.layouts import DEFAULT_HICERVIX_LEVEL, HICERVIX_LEVELS, PAPER_LAYOUTS, paper_layout_text
-from datasets.readers import read_demo, read_folder, read_paper
+from datasets.readers import read_demo, read_demo_captions, read_folder, read_paper
 from datasets.registry import CELL_PROMPT, CELLS_PROMPT, DatasetInfo, register
 
 CLASS_FOLDERS = "<root>/{train,val,test}/<class>_<n>.<ext>"
@@ -56,6 +56,7 @@ register(DatasetInfo(
     generic=True,
     description="<root>/{train,val,test}.csv: single-label, multi-label or image-text pairs",
     reader=tabular.read_csv_dataset,
+    task=tabular.peek_task,
     layout="<root>/{train,val,test}.csv with a path column (relative to <root>) and label, caption or 0/1 columns",
     prepare=tabular.prepare_csv,
     how_to_prepare=_build_it("csv", "MANIFEST.csv"),
@@ -67,5 +68,17 @@ register(DatasetInfo(
     reader=read_demo,
     layout=CLASS_FOLDERS,
     how_to_prepare="delete the folder so that the demo is generated again",
+    needs_root=False,
+))
+register(DatasetInfo(
+    name="demo_captions",
+    synthetic=True,
+    task="captions",
+    description="synthetic cells with captions naming type, size, stain and position (image-text pairs; "
+                "software check only, not medical data)",
+    reader=read_demo_captions,
+    layout="<cache>/demo_captions/{train,val,test}.csv with path, label and caption",
+    prompt_template=CELL_PROMPT,
+    how_to_prepare="delete the folder so that it is generated again",
     needs_root=False,
 ))

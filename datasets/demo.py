@@ -22,6 +22,14 @@ per image) and takes about a second.
 The folder is ``$CYTOLORA_CACHE/demo``, else ``~/.cache/cytology-lora/demo``. It is built
 on first use in a temporary folder beside it and renamed into place, so that concurrent
 runs never see a half-written dataset.
+
+``demo_captions`` (folder ``demo_captions`` beside it) draws the same four cell types as
+image-text pairs: each cell also has a size (small, medium, large), a stain (pale, mid-toned,
+dark) and a position (centre or a corner), and its caption names all four, e.g. "a large
+dark koilocyte in the upper left". The 45 attribute combinations of a class are shuffled
+once; test takes 25 of them and val 15 others, so that within val and within test every
+caption is different and the pair of an image is well defined; train cycles through all
+45. The data is the ``csv`` layout (``{train,val,test}.csv`` with path, label and caption).
 """
 
 from __future__ import annotations
@@ -67,15 +75,37 @@ STYLES = {
 }
 
 
-def cache_root() -> Path:
-    """Where the demo dataset lives: ``$CYTOLORA_CACHE/demo`` or ``~/.cache/cytology-lora/demo``."""
+# demo_captions: attributes a caption names, and how each is drawn
+CAPTION_NAMES = {"superficial": "superficial cell", "intermediate": "intermediate cell", "koilocyte": "koilocyte",
+                 "high_grade": "high-grade cell"}
+SIZES = {"small": 0.7, "medium": 0.85, "large": 1.0}  # scale of both radii
+STAINS = {"pale": 40.0, "mid-toned": 0.0, "dark": -45.0}  # added to the cytoplasm colour
+POSITIONS = {"centre": (0, 0), "upper left": (-8, -8), "upper right": (8, -8), "lower left": (-8, 8),
+             "lower right": (8, 8)}  # offset of the cell centre in pixels (x, y)
+CAPTIONS_MARKER_TEXT = (
+    f"cytology-lora demo_captions dataset v{VERSION}: SYNTHETIC images and captions drawn by datasets/demo.py, "
+    "not medical data.\n"
+)
+
+
+def cache_root(name: str = "demo") -> Path:
+    """Where a synthetic dataset lives: ``$CYTOLORA_CACHE/<name>`` or ``~/.cache/cytology-lora/<name>``."""
     base = os.environ.get("CYTOLORA_CACHE")
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "cytology-lora") / "demo"
+    return (Path(base).expanduser() if base else Path.home() / ".cache" / "cytology-lora") / name
 
 
 def demo_root() -> Path:
     """The demo dataset's folder, generated there first if it is not there yet."""
-    root = cache_root()
+    return _generated(cache_root("demo"), write_demo)
+
+
+def demo_captions_root() -> Path:
+    """The demo_captions dataset's folder, generated there first if it is not there yet."""
+    return _generated(cache_root("demo_captions"), write_demo_captions)
+
+
+def _generated(root: Path, write) -> Path:
+    """``root``, drawn by ``write(folder)`` in a temporary folder and renamed into place if it is not complete."""
     if (root / MARKER).is_file():
         return root
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
@@ -90,7 +120,7 @@ def demo_root() -> Path:
             f"cannot create the demo dataset beside {root} ({err}); set CYTOLORA_CACHE to a writable folder"
         ) from err
     try:
-        write_demo(tmp)
+        write(tmp)
         try:
             os.rename(tmp, root)
         except OSError:
@@ -118,29 +148,81 @@ def write_demo(folder: Path) -> None:
     (folder / MARKER).write_text(MARKER_TEXT)
 
 
-def draw_cell(style: CellStyle, seed: tuple[int, ...], size: int = IMAGE_SIZE):
-    """One synthetic cell as a (size, size, 3) uint8 array, fully determined by ``seed``."""
+def caption_attributes() -> list[tuple[str, str, str]]:
+    """Every (size, stain, position) combination, in a fixed shuffled order."""
+    import numpy as np
+
+    combos = [(a, b, c) for a in SIZES for b in STAINS for c in POSITIONS]
+    order = np.random.default_rng(SEED + 1).permutation(len(combos))
+    return [combos[i] for i in order]
+
+
+def caption(cls: str, size: str, stain: str, position: str) -> str:
+    """The caption of one demo_captions cell."""
+    return f"a {size} {stain} {CAPTION_NAMES[cls]} in the {position}"
+
+
+def write_demo_captions(folder: Path) -> None:
+    """Draw the demo_captions dataset into ``folder`` (which must exist): images and the three CSVs."""
+    import csv
+
+    from PIL import Image
+
+    combos = caption_attributes()
+    first = {"test": 0, "val": SPLIT_SIZES["test"], "train": 0}
+    rows: dict[str, list[list[str]]] = {split: [] for split in SPLIT_SIZES}
+    for split in SPLIT_SIZES:
+        (folder / split).mkdir()
+    for c, cls in enumerate(CLASSES):
+        n = 0
+        for split, count in SPLIT_SIZES.items():
+            for i in range(count):
+                n += 1
+                size, stain, position = combos[(first[split] + i) % len(combos)]
+                pixels = draw_cell(STYLES[cls], seed=(SEED, 7, c, n), offset=POSITIONS[position], scale=SIZES[size],
+                                   stain=STAINS[stain])
+                name = f"{split}/{cls}_{n}.png"
+                Image.fromarray(pixels).save(folder / name, compress_level=1)
+                rows[split].append([name, cls, caption(cls, size, stain, position)])
+    for split, table in rows.items():
+        with open(folder / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["path", "label", "caption"])
+            writer.writerows(table)
+    (folder / MARKER).write_text(CAPTIONS_MARKER_TEXT)
+
+
+def draw_cell(style: CellStyle, seed: tuple[int, ...], size: int = IMAGE_SIZE, offset: tuple[int, int] | None = None,
+              scale: float = 1.0, stain: float = 0.0):
+    """One synthetic cell as a (size, size, 3) uint8 array, fully determined by ``seed``.
+
+    ``offset`` places the cell centre (with a 1.5-pixel jitter; default: anywhere within 5 pixels of
+    the middle), ``scale`` multiplies its radii and ``stain`` is added to its cytoplasm colour.
+    """
     import numpy as np
 
     rng = np.random.default_rng(list(seed))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    centre = size / 2 + rng.uniform(-5, 5, size=2)
+    if offset is None:
+        centre = size / 2 + rng.uniform(-5, 5, size=2)
+    else:
+        centre = size / 2 + np.asarray(offset, np.float64) + rng.uniform(-1.5, 1.5, size=2)
     tint = rng.uniform(-14, 14, size=3)
     img = np.empty((size, size, 3), np.float32)
     img[:] = np.asarray(BACKGROUND, np.float32) + rng.uniform(-6, 6, size=3)
 
     # Cytoplasm: a turned ellipse with a slightly polygonal outline (squamous cells are flat polygons).
-    radius = rng.uniform(*style.cyto_radius)
+    radius = rng.uniform(*style.cyto_radius) * scale
     angle = rng.uniform(0, np.pi)
     aspect = rng.uniform(0.72, 1.0)
     rho, phi = _polar(xx - centre[0], yy - centre[1], angle, aspect)
     outline = radius * _wobble(rng, phi, 0.06)
     cyto = np.clip(outline - rho + 0.5, 0, 1)
-    _paint(img, cyto, np.asarray(style.cyto_rgb, np.float32) + tint)
+    _paint(img, cyto, np.asarray(style.cyto_rgb, np.float32) + tint + stain)
 
     # Nucleus (and halo), near the middle of the cell.
     n_centre = centre + rng.uniform(-2, 2, size=2)
-    n_radius = rng.uniform(*style.nucleus_radius)
+    n_radius = rng.uniform(*style.nucleus_radius) * scale
     n_rho, n_phi = _polar(xx - n_centre[0], yy - n_centre[1], rng.uniform(0, np.pi), rng.uniform(0.8, 1.0))
     n_outline = n_radius * _wobble(rng, n_phi, style.irregularity)
     if style.halo:

@@ -113,6 +113,14 @@ def read_demo(root: Path | None, request: ReadRequest) -> Listing:
     return read_class_folders(demo_root(), request.dataset, None)
 
 
+def read_demo_captions(root: Path | None, request: ReadRequest) -> Listing:
+    """The synthetic image-caption dataset, generated in its cache folder on first use (``root`` is ignored)."""
+    from datasets.demo import demo_captions_root
+    from datasets.tabular import read_csv_dataset
+
+    return read_csv_dataset(demo_captions_root(), request)
+
+
 def read_paper(root: Path, request: ReadRequest) -> Listing:
     """MLCC, BCFC or SIPaKMeD, by the request's dataset name."""
     return read_paper_layout(root, request.dataset)

@@ -64,6 +64,9 @@ class DatasetInfo:
     # hierarchy(root, level_fallback) -> {deepest-level label: (level_1, level_2)}, for datasets whose
     # labels form a tree; the engine then reports accuracy at the upper levels and mistake distances.
     hierarchy: Callable | None = None
+    # the kind of data: "single_label", "multilabel" or "captions" (image-text pairs); a function of the
+    # root for layouts whose files say it (csv). Read before the data is, for task-dependent defaults.
+    task: str | Callable[[Path], str] = "single_label"
 
 
 _DATASETS: dict[str, DatasetInfo] = {}
@@ -141,6 +144,18 @@ def resolve_protocol(dataset: str, protocol: str | None) -> str:
     if offered != "no dataset":
         raise DatasetError(f"--protocol {protocol} applies to {offered} only (got --dataset {dataset})")
     raise DatasetError(f"unknown --protocol '{protocol}' for {dataset}: choose one of {', '.join(info.protocols)}")
+
+
+def dataset_task(dataset: str, root: str | Path | None) -> str | None:
+    """The kind of data a dataset holds, without reading it all; None when its files cannot tell (the
+    run then fails on reading them, with the reader's own message)."""
+    task = get_dataset(dataset).task
+    if not callable(task):
+        return task
+    try:
+        return task(Path(root or "."))
+    except DatasetError:
+        return None
 
 
 def class_prompts(dataset: str, classes: list[str]) -> list[str]:

@@ -16,6 +16,11 @@ Each (seed, split, class) has its own generator, seeded from a string (stable ac
 versions and machines and independent of ``PYTHONHASHSEED``). The class's files are sorted,
 shuffled with it, and the first ``k`` kept: the draw depends only on the file list, and a
 smaller K is a subset of a larger one for the same seed (nested few-shot sets).
+
+A class with fewer images than its quota keeps the images it has, unless ``replacement`` (``--compat
+seed``, single-label data): then, as the original code does (``random.choices``), its ``k`` images are
+drawn with replacement from its sorted files, with a generator of its own seeded from (seed, split,
+class), so the split lists some paths more than once. Classes with enough images are drawn as above.
 """
 
 from __future__ import annotations
@@ -69,8 +74,13 @@ def shuffled(paths: list[str], seed: int, split: str, cls: str) -> list[str]:
     return order
 
 
-def draw(paths: list[str], k: int | None, seed: int, split: str, cls: str) -> list[str]:
-    """The first ``k`` of the sorted ``paths`` after a shuffle seeded by (seed, split, class)."""
+def draw(paths: list[str], k: int | None, seed: int, split: str, cls: str, replacement: bool = False
+         ) -> list[str]:
+    """The first ``k`` of the sorted ``paths`` after a shuffle seeded by (seed, split, class); with
+    ``replacement`` and fewer than ``k`` paths, ``k`` of them drawn with replacement (sorted)."""
+    if replacement and k is not None and 0 < len(paths) < k:
+        rng = random.Random(f"cytology-lora/{seed}/{split}/{cls}/with-replacement")
+        return sorted(rng.choices(sorted(paths), k=k))
     if k is None or k >= len(paths):
         return sorted(paths)
     return shuffled(paths, seed, split, cls)[:k]
@@ -84,20 +94,25 @@ def sample_split(
     shots: int,
     percentage: float | None,
     seed: int,
+    replacement: bool = False,
 ) -> list[tuple[str, object]]:
-    """Sample one split of any task (see the module docstring); returned sorted by path."""
+    """Sample one split of any task (see the module docstring); returned sorted by path.
+
+    ``replacement`` (single-label data only) draws a class smaller than its quota with replacement.
+    """
     if task == "multilabel":
         return sample_multilabel(items, classes, split, shots, percentage, seed)
     if items and all(label is None for _, label in items):
         k = quota(len(items), split, shots, percentage)
         _warn_if_short("images", len(items), k, split)
         return sorted((p, None) for p in draw([p for p, _ in items], k, seed, split, "*all*"))
-    return sample(items, classes, split, shots, percentage, seed)
+    return sample(items, classes, split, shots, percentage, seed, replacement)
 
 
-def _warn_if_short(what: str, n: int, k: int | None, split: str) -> None:
+def _warn_if_short(what: str, n: int, k: int | None, split: str, replacement: bool = False) -> None:
     if k is not None and n < k:
-        print(f"warning: {what} has {n} image(s) in {split}, fewer than the {k} asked; using all", file=sys.stderr)
+        using = "drawing them with replacement (--compat seed)" if replacement and n else "using all"
+        print(f"warning: {what} has {n} image(s) in {split}, fewer than the {k} asked; {using}", file=sys.stderr)
 
 
 def sample_multilabel(
@@ -140,8 +155,10 @@ def sample(
     shots: int,
     percentage: float | None,
     seed: int,
+    replacement: bool = False,
 ) -> list[tuple[str, str]]:
-    """Sample one split's (path, class) items per class; warns when a class has fewer than asked."""
+    """Sample one split's (path, class) items per class; warns when a class has fewer than asked (which
+    ``replacement`` fills up by drawing with replacement)."""
     by_class: dict[str, list[str]] = {cls: [] for cls in classes}
     for path, cls in items:
         by_class[cls].append(path)
@@ -149,7 +166,7 @@ def sample(
     for cls in classes:
         paths = by_class[cls]
         k = quota(len(paths), split, shots, percentage)
-        _warn_if_short(f"class '{cls}'", len(paths), k, split)
-        kept.extend((p, cls) for p in draw(paths, k, seed, split, cls))
+        _warn_if_short(f"class '{cls}'", len(paths), k, split, replacement)
+        kept.extend((p, cls) for p in draw(paths, k, seed, split, cls, replacement))
     kept.sort()
     return kept

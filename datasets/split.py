@@ -52,6 +52,9 @@ class Split:
     groups: dict[str, str] = field(default_factory=dict)  # absolute path -> group, where the data has groups
     cv: int | None = None  # cross-validation: K folds of train + val, fold `fold` as val
     fold: int | None = None
+    # --compat seed: classes smaller than their quota drawn with replacement, so a path may be listed twice
+    # in train or val (every list and count here keeps the repeats; the manifest lists them as drawn)
+    replacement: bool = False
 
     def items(self, split: str) -> list[tuple[str, int]]:
         """The (path, label) list of ``split`` ("train", "val" or "test")."""
@@ -126,6 +129,8 @@ class Split:
             left_out=self.left_out,
             split_sha256=self.sha256,
         )
+        if self.replacement:
+            doc["replacement"] = True
         write_text_atomic(path, json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False) + "\n")
 
 
@@ -186,6 +191,7 @@ def load_split(
     label_map: LabelMap | str | None = None,
     cv: int | None = None,
     fold: int | None = None,
+    replacement: bool = False,
 ) -> Split:
     """The split of one run: a pure function of the files, dataset, labelling options, shots, percentage and seed.
 
@@ -194,7 +200,8 @@ def load_split(
     datasets with label levels (hicervix; see :mod:`datasets.hicervix`). ``label_map`` merges
     classes before sampling: ``{new: [old, ...]}``, or the text :func:`parse_label_map` reads.
     ``cv`` and ``fold`` replace train and val by K cross-validation folds of their union
-    (:mod:`datasets.folds`), before sampling; test is untouched.
+    (:mod:`datasets.folds`), before sampling; test is untouched. ``replacement`` (``--compat seed``) draws a
+    single-label class with fewer images than its few-shot quota with replacement, as the original code does.
     """
     percentage = check_sampling(shots, percentage)
     request = read_request(dataset, level, level_fallback, protocol)
@@ -211,7 +218,8 @@ def load_split(
     label_of = _labeller(listing)
     lists, paths = {}, {}
     for split in SPLITS:
-        kept = sample_split(listing.items[split], listing.classes, listing.task, split, shots, percentage, seed)
+        kept = sample_split(listing.items[split], listing.classes, listing.task, split, shots, percentage, seed,
+                            replacement)
         paths.update((rel, os.path.join(root, rel)) for rel, _ in kept)
         lists[split] = [(paths[rel], label_of(label)) for rel, label in kept]
     return Split(
@@ -234,6 +242,7 @@ def load_split(
         groups={paths[rel]: group for rel, group in listing.groups.items() if rel in paths},
         cv=cv,
         fold=None if cv is None else (fold or 0),
+        replacement=replacement,
     )
 
 

@@ -68,6 +68,17 @@ def read_csv_dataset(root: Path, request: ReadRequest | None = None) -> Listing:
     return combine(tables, root)
 
 
+def peek_task(root: Path) -> str:
+    """The task of a csv dataset from the header of its train.csv alone."""
+    path = root / "train.csv"
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = [h.strip() for h in next(csv.reader(f), [])]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DatasetError(f"cannot read {path}: {err}") from err
+    return task_of(header, str(path))[0]
+
+
 def read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """The stripped header and the (line number, cells) of each non-empty row of a CSV file."""
     try:

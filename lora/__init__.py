@@ -12,7 +12,14 @@ from lora.config import (
 from lora.errors import LoRAError
 from lora.inject import apply_lora, block_indices, find_towers, lora_disabled, lora_layers
 from lora.io import load_lora, lora_parameters, lora_state_dict, read_lora_settings, save_lora
-from lora.layers import LoRAConv2d, LoRAFusedLinear, LoRALinear, LoRAModule, LoRAMultiheadAttention
+from lora.layers import (
+    LoRAConv2d,
+    LoRAFusedLinear,
+    LoRALinear,
+    LoRAModule,
+    LoRAMultiheadAttention,
+    OriginalAttentionLoRA,
+)
 from lora.merge import merge_lora
 
 __all__ = [
@@ -27,6 +34,7 @@ __all__ = [
     "LoRAModule",
     "LoRAMultiheadAttention",
     "LoRASettings",
+    "OriginalAttentionLoRA",
     "apply_lora",
     "block_indices",
     "compute_scale",

@@ -16,8 +16,10 @@ POSITIONS = ("bottom", "mid", "up", "half-up", "half-bottom", "all", "top", "top
 ENCODERS = ("vision", "text", "both")
 SCALINGS = ("sqrt", "standard")
 # Settings that decide what the adapter tensors mean; a saved adapter must match them to be loaded.
-CHECKED_SETTINGS = ("r", "alpha", "scaling", "params", "position", "encoder", "dora", "model_key")
-SETTING_NAMES = ("r", "alpha", "scaling", "params", "position", "encoder", "dropout_rate", "dora", "model_key")
+CHECKED_SETTINGS = ("r", "alpha", "scaling", "params", "position", "encoder", "dora", "model_key",
+                    "original_attention")
+SETTING_NAMES = ("r", "alpha", "scaling", "params", "position", "encoder", "dropout_rate", "dora", "model_key",
+                 "original_attention")
 
 
 def _split_token(token: str) -> list[str]:
@@ -80,6 +82,10 @@ class LoRASettings:
     scaling: str = "sqrt"
     model_key: str | None = field(default=None)
     dora: bool = False  # the DoRA variant: a learnable magnitude per adapted output row (lora.dora)
+    # --compat seed: timm fused-qkv attention runs as the original code's LoRA attention (single head over the
+    # full width, no output projection; lora.layers.OriginalAttentionLoRA); the model then differs from the
+    # pretrained one even with LoRA at zero. Other attention kinds are unaffected.
+    original_attention: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", parse_params(self.params))
@@ -97,6 +103,8 @@ class LoRASettings:
         _choice("scaling", self.scaling, SCALINGS)
         if not isinstance(self.dora, bool):
             raise LoRAError(f"LoRA dora must be True or False, got {self.dora!r}")
+        if not isinstance(self.original_attention, bool):
+            raise LoRAError(f"LoRA original_attention must be True or False, got {self.original_attention!r}")
 
     @property
     def scale(self) -> float:

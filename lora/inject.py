@@ -26,7 +26,15 @@ from torch import Tensor, nn
 
 from lora.config import ATTENTION_LETTERS, QKV_LETTERS, LoRASettings
 from lora.errors import LoRAError
-from lora.layers import LoRAConv2d, LoRAFusedLinear, LoRALinear, LoRAModule, LoRAMultiheadAttention
+from lora.layers import (
+    LoRAConv2d,
+    LoRAFusedLinear,
+    LoRALinear,
+    LoRAModule,
+    LoRAMultiheadAttention,
+    OriginalAttentionLoRA,
+    original_attention_problem,
+)
 
 CONTAINERS = (nn.ModuleList, nn.Sequential)
 
@@ -238,13 +246,14 @@ def _targets(tower: Tower, settings: LoRASettings, model_name: str) -> list[tupl
     targets: list[tuple[str, str, tuple[str, ...]]] = []
     if letters:
         for i in block_indices(len(sites), settings.position):
-            targets += _site_targets(sites[i], letters, where)
+            targets += _site_targets(sites[i], letters, where, settings.original_attention)
     if "pw" in settings.params:
         targets += [(path, "pw", ("pw",)) for i in block_indices(len(units), settings.position) for path in units[i]]
     return targets
 
 
-def _site_targets(site: AttentionSite, letters: list[str], where: str) -> list[tuple[str, str, tuple[str, ...]]]:
+def _site_targets(site: AttentionSite, letters: list[str], where: str, original_attention: bool = False
+                  ) -> list[tuple[str, str, tuple[str, ...]]]:
     if site.kind == "mha":
         return [(site.path, "mha", tuple(letters))]
     offered = set(site.projections) | (set(QKV_LETTERS) if site.kind == "fused" else set())
@@ -252,6 +261,12 @@ def _site_targets(site: AttentionSite, letters: list[str], where: str) -> list[t
     if missing:
         raise LoRAError(f"--params {' '.join(letters)}: the attention at {site.path} in {where} has no "
                         f"'{missing[0]}' projection; drop '{missing[0]}' from --params")
+    if site.kind == "fused" and original_attention:  # the whole attention, as the original code replaces it
+        problem = original_attention_problem(site.module)
+        if problem:
+            raise LoRAError(f"--compat seed: the attention at {site.path} in {where} cannot run as the original "
+                            f"code's LoRA attention: {problem}; run without --compat seed")
+        return [(site.path, "original", tuple(letters))]
     if site.kind == "fused":
         qkv = tuple(x for x in letters if x in QKV_LETTERS)
         out = [(site.projections["qkv"], "fused", qkv)] if qkv else []
@@ -259,8 +274,13 @@ def _site_targets(site: AttentionSite, letters: list[str], where: str) -> list[t
     return [(site.projections[x], "linear", (x,)) for x in letters]
 
 
-def _make_layer(module: nn.Module, kind: str, letters: tuple[str, ...], settings: LoRASettings) -> LoRAModule:
+def _make_layer(module: nn.Module, kind: str, letters: tuple[str, ...], settings: LoRASettings) -> nn.Module:
     r, scale, p, dora = settings.r, settings.scale, settings.dropout_rate, settings.dora
+    if kind == "original":  # --compat seed: timm attention replaced by the original code's (lora.layers)
+        qkv_letters = tuple(x for x in letters if x in QKV_LETTERS)
+        qkv = LoRAFusedLinear(module.qkv, qkv_letters, r, scale, p, dora) if qkv_letters else module.qkv
+        proj = LoRALinear(module.proj, "o", r, scale, p, dora) if "o" in letters else module.proj
+        return OriginalAttentionLoRA(module, qkv, proj)
     if kind == "mha":
         return LoRAMultiheadAttention(module, letters, r, scale, p, dora)
     if kind == "fused":
@@ -281,12 +301,25 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRAModule]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRAModule)]
 
 
+def original_attention_modes(model: nn.Module) -> set[bool]:
+    """How the model's adapted timm fused-qkv attentions run: True for the original code's attention
+    (OriginalAttentionLoRA), False for timm's own with LoRA on its qkv or proj; empty when it has neither."""
+    modes = set()
+    for m in model.modules():
+        if isinstance(m, OriginalAttentionLoRA):
+            modes.add(True)
+        elif hasattr(m, "qkv") and any(isinstance(getattr(m, a, None), LoRAModule) for a in ("qkv", "proj")):
+            modes.add(False)
+    return modes
+
+
 @contextmanager
 def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, every LoRA layer of ``model`` computes its original module's output (no update).
 
     The layers keep their own kernels, so this is also the frozen model as our layers run it (e.g. the
-    floor of a speed comparison), equal to the original up to float rounding.
+    floor of a speed comparison), equal to the original up to float rounding. An attention replaced by
+    ``original_attention`` stays the original code's (only its LoRA updates are switched off).
     """
     layers = [layer for _, layer in lora_layers(model)]
     before = [layer.enabled for layer in layers]
@@ -301,15 +334,20 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 def apply_lora(model: nn.Module, params: str | tuple[str, ...] | list[str] = ("q", "v"), r: int = 2,
                alpha: float = 1, dropout_rate: float = 0.25, position: str = "all", encoder: str = "vision",
-               scaling: str = "sqrt", dora: bool = False) -> list[nn.Module]:
+               scaling: str = "sqrt", dora: bool = False, original_attention: bool = False) -> list[nn.Module]:
     """Put LoRA (or, with ``dora=True``, DoRA) on the chosen projections of the chosen blocks and towers,
     freeze everything else.
+
+    ``original_attention=True`` (``--compat seed``) replaces each chosen timm fused-qkv attention by the
+    original code's LoRA attention (:class:`lora.layers.OriginalAttentionLoRA`: one head over the full
+    width, no output projection), which changes the model even with LoRA at zero; other attention kinds
+    are adapted as usual.
 
     Returns the injected layers. Raises LoRAError, before changing anything, on a bad setting or when
     the model lacks a tower, block or projection that was asked for.
     """
     settings = LoRASettings(params=params, r=r, alpha=alpha, dropout_rate=dropout_rate, position=position,
-                            encoder=encoder, scaling=scaling, dora=dora)
+                            encoder=encoder, scaling=scaling, dora=dora, original_attention=original_attention)
     if lora_layers(model):
         raise LoRAError("the model already has LoRA layers; merge them (merge_lora) or start from a fresh model")
     plan = []

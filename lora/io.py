@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from common.io import atomic_write
 from lora.config import CHECKED_SETTINGS, LoRASettings, parse_params
 from lora.errors import LoRAError
-from lora.inject import apply_lora, lora_layers
+from lora.inject import apply_lora, lora_layers, original_attention_modes
 
 FORMAT = "cytology-lora"
 
@@ -42,6 +42,10 @@ def _variant(dora: bool) -> str:
     return "DoRA" if dora else "plain LoRA"
 
 
+def _attention(original: bool) -> str:
+    return "the original code's attention (--compat seed)" if original else "the model's own attention"
+
+
 def _check_layers_match(model: nn.Module, settings: LoRASettings, what: str) -> None:
     """The model's LoRA layers must have the rank, scale and letters the settings describe."""
     layers = [layer for _, layer in lora_layers(model)]
@@ -57,6 +61,12 @@ def _check_layers_match(model: nn.Module, settings: LoRASettings, what: str) -> 
         raise LoRAError(f"{what}: the model's layers are {have} but the adapter settings are "
                         f"{_variant(settings.dora)}; use settings (or an adapter file) with "
                         f"dora={layers[0].dora}, or a model made by apply_lora(..., dora={settings.dora})")
+    modes = original_attention_modes(model)
+    if modes and modes != {settings.original_attention}:
+        have = " and ".join(sorted(_attention(m) for m in modes))
+        raise LoRAError(f"{what}: the model's timm attention runs as {have} but the adapter settings say "
+                        f"{_attention(settings.original_attention)}; use the --compat setting the adapter was "
+                        "made with")
     for layer in layers:
         if layer.r != settings.r:
             raise LoRAError(f"{what}: the model's LoRA layers have r={layer.r} but the settings say r={settings.r}")
@@ -95,6 +105,8 @@ def _normalise(key: str, value: object) -> object:
         return float(value)
     if key == "dora":
         return _variant(bool(value))
+    if key == "original_attention":
+        return _attention(bool(value))
     return value
 
 
@@ -104,11 +116,15 @@ def _show(value: object) -> object:
 
 def check_settings(saved: dict, expected: dict, path: str | os.PathLike) -> None:
     """LoRAError naming the first setting where ``expected`` differs from what the file was saved with."""
-    saved = {"dora": False} | saved  # files written before DoRA existed hold plain LoRA
+    # files written before DoRA (or --compat) existed hold plain LoRA on the model's own attention
+    saved = {"dora": False, "original_attention": False} | saved
     for key in CHECKED_SETTINGS:
         if expected.get(key) is None or saved.get(key) is None:
             continue
         want, got = _normalise(key, expected[key]), _normalise(key, saved[key])
+        if want != got and key == "original_attention":
+            raise LoRAError(f"adapter {path} was saved for {got} but this run uses {want}; load it with the "
+                            "--compat setting it was saved with")
         if want != got and key == "dora":
             raise LoRAError(f"adapter {path} was saved as {got} (dora={saved[key]}) but this run uses {want}; "
                             f"load it with the variant it was saved with (--method dora for DoRA)")
@@ -121,7 +137,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike, expected: dict | None =
     """Load an adapter into ``model`` after checking its settings; returns the saved settings.
 
     ``expected`` holds the current run's settings (r, alpha, scaling, params, position, encoder, dora,
-    model_key; dropout_rate only matters for training and is not compared). A model without LoRA
+    model_key, original_attention; dropout_rate only matters for training and is not compared). A model without LoRA
     layers is first injected with the file's settings (files written before DoRA existed are plain LoRA).
     """
     saved = read_lora_settings(path)
@@ -129,7 +145,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike, expected: dict | None =
     cfg = LoRASettings.from_dict(saved)
     if not lora_layers(model):
         apply_lora(model, cfg.params, cfg.r, cfg.alpha, cfg.dropout_rate, cfg.position, cfg.encoder, cfg.scaling,
-                   dora=cfg.dora)
+                   dora=cfg.dora, original_attention=cfg.original_attention)
     _check_layers_match(model, cfg, f"load_lora({path})")
     own = lora_state_dict(model)
     with safe_open(str(path), framework="pt") as f:

@@ -23,7 +23,8 @@ from lora.lowrank import keep_mask, low_rank_linear, pointwise_lora
 
 QKV = ("q", "k", "v")
 __all__ = ["QKV", "FusedLoRAMixin", "LoRAConv2d", "LoRAFusedLinear", "LoRALinear", "LoRAModule",
-           "LoRAMultiheadAttention", "keep_mask", "low_rank_linear"]
+           "LoRAMultiheadAttention", "OriginalAttentionLoRA", "keep_mask", "low_rank_linear",
+           "original_attention_problem"]
 
 
 def _new_pair(r: int, in_features: int, out_features: int, like: Tensor) -> tuple[nn.Parameter, nn.Parameter]:
@@ -407,3 +408,65 @@ class LoRAMultiheadAttention(FusedLoRAMixin):
         self._merge_rows(base.in_proj_weight)
         base.out_proj = self.out_proj.merged() if isinstance(self.out_proj, LoRAModule) else self.out_proj
         return base
+
+
+def original_attention_problem(attention: nn.Module) -> str | None:
+    """Why a timm fused-qkv attention cannot run as the original code's LoRA attention (None when it can).
+
+    The original splits ``qkv`` into three blocks of the input width and runs them as they are; q/k
+    normalisation, a gate, or a qkv wider than 3 x the input have no counterpart there.
+    """
+    qkv = attention.qkv
+    if qkv.out_features != 3 * qkv.in_features:
+        return f"its qkv projection has {qkv.out_features} outputs, not 3 x its {qkv.in_features} inputs"
+    for name in ("q_norm", "k_norm"):
+        if not isinstance(getattr(attention, name, None), (nn.Identity, type(None))):
+            return f"it normalises q and k ({name} is {type(getattr(attention, name)).__name__})"
+    if getattr(attention, "gate", None) is not None:
+        return "it has an output gate"
+    return None
+
+
+class OriginalAttentionLoRA(nn.Module):
+    """timm fused-qkv attention as the original code's LoRA attention computes it (``--compat seed``).
+
+    The original (mdausort/Cytology-fine-tuning, ``loralib/layers.py``, ``SimpleAttentionLoRA``) splits the
+    fused projection into q, k, v of the full width C, each (B, N, C), and calls
+    ``F.scaled_dot_product_attention(q, k, v)`` on them: ONE head over all C channels,
+    ``softmax(q k^T / sqrt(C)) v`` (SDPA's default scale is 1/sqrt of q's last dimension, here C, not the
+    timm module's ``scale = head_dim ** -0.5``; we keep that default, as the original runs it). It then
+    applies ``transpose(1, 2).reshape(B, N, C)`` to that (B, N, C) result, which reads the (B, C, N)
+    transpose back as (B, N, C) (tokens and channels mixed), computes the output projection and discards it:
+    the block returns ``proj_drop`` of the reshaped attention. All of it is reproduced as written, so the
+    model differs from the pretrained one even with every B at zero.
+
+    ``qkv`` (a LoRAFusedLinear when q, k or v are adapted) and ``proj`` (a LoRALinear with 'o', an adapter
+    that, as in the original, receives no gradient) keep timm's names, so state_dict keys are those of the
+    exact attention; ``lora.io`` records the mode in the adapter file's settings and refuses a mismatch.
+    Not a LoRAModule itself: its LoRA layers are ``qkv`` and ``proj``, and merging folds them in place.
+    """
+
+    def __init__(self, attention: nn.Module, qkv: nn.Module, proj: nn.Module) -> None:
+        super().__init__()
+        problem = original_attention_problem(attention)
+        if problem:
+            raise ValueError(f"this attention cannot run as the original code's: {problem}")
+        self.qkv = qkv
+        self.proj = proj
+        self.q_norm = getattr(attention, "q_norm", None) or nn.Identity()
+        self.k_norm = getattr(attention, "k_norm", None) or nn.Identity()
+        self.attn_drop = attention.attn_drop
+        self.proj_drop = attention.proj_drop
+        self.num_heads = getattr(attention, "num_heads", None)  # informative only: the forward uses one head
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise RuntimeError("the original code's LoRA attention takes no attention mask (--compat seed)")
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=-1)
+        q, k = self.q_norm(q), self.k_norm(k)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        return self.proj_drop(out.transpose(1, 2).reshape(b, n, c))
+
+    def extra_repr(self) -> str:
+        return "single head over the full width, no output projection (the original code's, --compat seed)"

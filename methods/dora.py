@@ -2,7 +2,7 @@
 learnable magnitude per adapted output row; same settings and placement as --method lora."""
 
 from methods import lora
-from methods.registry import HEAD_TASKS, Method, register
+from methods.registry import TASKS, Method, register
 
 
 def build(ctx, s: lora.LoRAMethodSettings):
@@ -10,7 +10,7 @@ def build(ctx, s: lora.LoRAMethodSettings):
 
 
 register(Method(
-    tasks=HEAD_TASKS,
+    tasks=TASKS, task_defaults=lora.IMAGE_TEXT_DEFAULTS,
     name="dora", description="DoRA (magnitude + direction) in the backbone + linear head, trained on images",
     settings=lora.LoRAMethodSettings, inputs="images", build=build,
     source="DoRA (Liu et al. 2024), the most used successor of LoRA",

@@ -82,3 +82,51 @@ class FixedLogits(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fn(self, x)
+
+
+class ImageTextModel(nn.Module):
+    """Both towers of a CLIP-family model, for contrastive training on image-text pairs and for retrieval.
+
+    ``forward(images, idx)`` gives the (B, B) logits of each image against the train captions
+    ``idx`` (pair i is image i with caption idx[i]): scale x cosine, with the scale CLIP learns,
+    exp(log_scale) clamped at 100 as in CLIP, starting from the model's own.
+    """
+
+    def __init__(self, spec, captions: list[str]):
+        super().__init__()
+        if not spec.has_text:
+            raise UserError(f"image-text pairs need a model with a text tower, and {spec.key} has none: use a "
+                            "CLIP-family model (clip, quilt, biomedclip, tiny_clip)")
+        self.backbone = spec.model
+        self._spec = spec
+        self.register_buffer("tokens", spec.tokenizer(list(captions)), persistent=False)
+        self.log_scale = nn.Parameter(spec.logit_scale.log().reshape(()))
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.exp().clamp(max=100.0)
+
+    def forward(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        image = F.normalize(self._spec.encode_image(images), dim=-1)
+        text = F.normalize(self._spec.text_fn(self.backbone, self.tokens[idx]), dim=-1)
+        return self.scale * image @ text.t()
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings."""
+        return F.normalize(self._spec.encode_image(images).float(), dim=-1)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """L2-normalised text embeddings (float32, on the CPU), in chunks of `batch_size`."""
+        self.eval()
+        out = [F.normalize(self._spec.encode_text(texts[i:i + batch_size]).float(), dim=-1).cpu()
+               for i in range(0, len(texts), batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def contrastive_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE: cross-entropy of images over texts and of texts over images, averaged.
+
+    The pairs are on the diagonal of `logits` (`targets`, the caption indices, are not needed)."""
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import torch
 
 from methods.heads import class_text_embeddings, linear_head
-from methods.registry import HEAD_TASKS, Method, Plan, Stage, register
+from methods.registry import HEAD_TASKS, Method, Plan, Stage, compat_notes, register
 from methods.transductive import TransductiveSettings, add_transductive_stage, ti_suffix
 
 
@@ -21,8 +21,16 @@ def build(ctx, s: LinearSettings) -> Plan:
         with torch.no_grad():
             head.weight.copy_(class_text_embeddings(ctx))
             head.bias.zero_()
-    stage = Stage("linear", head, "features", ctx.epoch_steps(), ctx.config.lr)
-    return add_transductive_stage(ctx, Plan(head, "features", [stage]), s)
+    if ctx.config.compat == "seed":
+        # the original's experiment 1: 50 (warmup) + n_iters epochs under CosineAnnealingLR(T_max=n_iters)
+        # stepped per batch after a 50-step linear warmup (utils.trainer.cosine_annealing_factor)
+        stage = Stage("linear", head, "features", ctx.epoch_steps(warmup_epochs=True), ctx.config.lr,
+                      schedule="cosine_annealing")
+    else:
+        stage = Stage("linear", head, "features", ctx.epoch_steps(), ctx.config.lr)
+    plan = add_transductive_stage(ctx, Plan(head, "features", [stage]), s)
+    plan.notes.update(compat_notes(ctx, "exp1_schedule"))
+    return plan
 
 
 register(Method(

@@ -3,9 +3,9 @@
 
 from dataclasses import dataclass, field
 
-from lora import LoRASettings, apply_lora, save_lora
-from methods.heads import ImageClassifier, linear_head
-from methods.registry import HEAD_TASKS, Method, Plan, Stage, register
+from lora import LoRASettings, OriginalAttentionLoRA, apply_lora, save_lora
+from methods.heads import ImageClassifier, ImageTextModel, contrastive_loss, linear_head
+from methods.registry import TASKS, Method, Plan, Stage, compat_notes, register
 
 _D = LoRASettings()
 
@@ -29,35 +29,59 @@ class LoRAMethodSettings:
         object.__setattr__(self, "alpha", checked.alpha)
         object.__setattr__(self, "dropout_rate", checked.dropout_rate)
 
-    def lora(self, model_key: str | None = None, dora: bool = False) -> LoRASettings:
+    def lora(self, model_key: str | None = None, dora: bool = False, original_attention: bool = False
+             ) -> LoRASettings:
         return LoRASettings(params=self.params, r=self.r, alpha=self.alpha, dropout_rate=self.dropout_rate,
                             position=self.position, encoder=self.encoder, scaling=self.scaling, dora=dora,
-                            model_key=model_key)
+                            model_key=model_key, original_attention=original_attention)
 
 
 def build(ctx, s: LoRAMethodSettings, dora: bool = False) -> Plan:
     """Adapters in the backbone (the DoRA variant with ``dora=True``) and a linear head, trained on images."""
-    lora = s.lora(ctx.model_label, dora)
+    # --compat seed: timm fused-qkv attention (UNI, BiomedCLIP's image tower) as the original code's LoRA runs
+    # it (lora.layers.OriginalAttentionLoRA); LoRA only: the original has no DoRA to reproduce
+    original = ctx.config.compat == "seed" and not dora
+    lora = s.lora(ctx.model_label, dora, original)
     apply_lora(ctx.spec.model, params=s.params, r=s.r, alpha=s.alpha, dropout_rate=s.dropout_rate,
-               position=s.position, encoder=s.encoder, scaling=s.scaling, dora=dora)
-    model = ImageClassifier(ctx.spec, linear_head(ctx))
-    model.head.requires_grad_(True)
+               position=s.position, encoder=s.encoder, scaling=s.scaling, dora=dora, original_attention=original)
+    replaced = any(isinstance(m, OriginalAttentionLoRA) for m in ctx.spec.model.modules())
+    notes = compat_notes(ctx, *(["original_attention"] if replaced else []))
 
     def export(folder):
         save_lora(ctx.spec.model, folder / "lora.safetensors", lora)
 
     name = "dora" if dora else "lora"
-    return Plan(model, "images", [Stage(name, model, "images", ctx.paper_steps(), ctx.config.lr)], export=export)
+    if ctx.split.task == "captions":  # image-text pairs: both towers' adapters and CLIP's scale, contrastively
+        model = ImageTextModel(ctx.spec, [ctx.split.captions[path] for path, _ in ctx.split.train])
+        stage = Stage(name, model, "images", ctx.paper_steps(), ctx.config.lr,
+                      targets=list(range(len(ctx.split.train))), loss=contrastive_loss)
+        return Plan(model, "images", [stage], export=export, notes=notes)
+    model = ImageClassifier(ctx.spec, linear_head(ctx))
+    model.head.requires_grad_(True)
+    return Plan(model, "images", [Stage(name, model, "images", ctx.paper_steps(), ctx.config.lr)], export=export,
+                notes=notes)
 
 
 def label(s: LoRAMethodSettings) -> str:
     return f"lora-{''.join(s.params)}-r{s.r}-{s.position}-{s.encoder}"
 
 
+def experiment(c) -> int:
+    """The paper's experiment a run of single-label data is (3: a percentage of the data, 2: few-shot)."""
+    from datasets.registry import dataset_task
+
+    if dataset_task(c.dataset, c.root_path) not in (None, "single_label"):
+        return 0
+    return 3 if c.shots == 0 else 2
+
+
+IMAGE_TEXT_DEFAULTS = {"captions": {"encoder": "both"}}  # image-text pairs: adapters in both towers
+
 register(Method(
-    tasks=HEAD_TASKS,
-    name="lora", description="LoRA in the backbone + linear head, trained on images",
+    tasks=TASKS, task_defaults=IMAGE_TEXT_DEFAULTS,
+    name="lora", description="LoRA in the backbone + linear head, trained on images (image-text pairs: "
+                             "contrastively, both towers)",
     settings=LoRAMethodSettings, inputs="images", build=build,
     source="the cytology paper, experiments 2 and 3 (CLIP-LoRA)", label=label,
-    paper_experiment=lambda c: 3 if c.shots == 0 else 2,
+    paper_experiment=experiment,
 ))

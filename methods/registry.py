@@ -18,6 +18,7 @@ from common.errors import UserError
 
 Inputs = Literal["features", "images"]
 HEAD_TASKS = ("single_label", "multilabel")  # what a method that trains a classification head handles
+TASKS = (*HEAD_TASKS, "captions")  # every kind of data: captions are image-text pairs
 
 
 class MethodError(UserError):
@@ -38,6 +39,14 @@ class Stage:
     lr: float
     augment: bool = True  # images only: random resized crop and flip, as the paper trains
     extra_loss: Callable | None = None  # extra_loss(module) -> scalar added to every step's labelled loss
+    # the lr schedule (utils.trainer.SCHEDULES): "warmup_cosine", or "cosine_annealing" (the original code's
+    # experiment 1 under --compat seed: CosineAnnealingLR(T_max=n_iters) stepped per batch)
+    schedule: str = "warmup_cosine"
+    # Image-text and other tasks whose loss is not a classification loss: `targets` lists, per train
+    # image, what its batch entry carries instead of its label (e.g. its own index); `module` is then
+    # called as module(inputs, targets) and `loss(outputs, targets)` replaces the task's loss.
+    targets: typing.Sequence | None = None
+    loss: Callable | None = None
 
 
 @dataclass
@@ -66,7 +75,8 @@ class Method:
     stage for multi-stage methods); build(ctx, settings) -> Plan; trains: False for methods that
     only compute (zero-shot, nearest mean, kNN); lr: the method's own default learning rate,
     used when --lr is not given; source: where the method comes from (README); tasks: the
-    kinds of data it handles (a head trained with a per-task loss handles multi-label data too).
+    kinds of data it handles (a head trained with a per-task loss handles multi-label data too);
+    task_defaults: per kind of data, settings defaults that replace the dataclass's (flags still win).
     """
 
     name: str
@@ -79,7 +89,9 @@ class Method:
     source: str = ""
     label: Callable[[object], str] | None = None
     paper_experiment: Callable[[object], int] | int = 0
-    tasks: tuple[str, ...] = ("single_label",)  # the data kinds it handles: single_label, multilabel
+    tasks: tuple[str, ...] = ("single_label",)  # the data kinds it handles: single_label, multilabel, captions
+    # settings whose default depends on the kind of data, e.g. {"captions": {"encoder": "both"}}
+    task_defaults: dict = field(default_factory=dict, hash=False)
 
     @property
     def entry_point(self) -> str:
@@ -139,6 +151,20 @@ def get_method(name: str) -> Method:
         return _METHODS[name]
     except KeyError:
         raise MethodError(f"unknown method '{name}'; valid methods: {', '.join(_METHODS)}") from None
+
+
+def compat_notes(ctx, *quirks: str) -> dict:
+    """Plan notes (results.json ``method_notes``) naming the original code's quirks a ``--compat seed`` run
+    reproduces, only those that apply to it: the given method ones and, when some class had fewer train or
+    val images than asked, the draw with replacement ("few_shot_replacement")."""
+    if ctx.config.compat != "seed":
+        return {}
+    applied = list(quirks)
+    for part in ("train", "val"):
+        paths = [path for path, _ in ctx.split.items(part)]
+        if len(set(paths)) < len(paths) and "few_shot_replacement" not in applied:
+            applied.append("few_shot_replacement")
+    return {"compat_seed": applied} if applied else {}
 
 
 def settings_dict(settings: object) -> dict:

@@ -14,7 +14,7 @@ from datasets.registry import register, unregister
 from tests.conftest import make_folder_dataset
 from tests.conftest import run_datasets_cli as run_cli
 
-BUILT_IN = ("mlcc", "bcfc", "sipakmed", "hicervix", "folder", "csv", "demo")
+BUILT_IN = ("mlcc", "bcfc", "sipakmed", "hicervix", "folder", "csv", "demo", "demo_captions")
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def test_built_in_datasets_are_registered_in_order() -> None:
     assert get_dataset("hicervix").levels == ("level_1", "level_2", "level_3", "class_name")
     assert get_dataset("hicervix").default_level == "level_3"
     assert all(not get_dataset(n).levels and get_dataset(n).default_level is None for n in BUILT_IN if n != "hicervix")
-    assert [n for n in BUILT_IN if get_dataset(n).prepare is None] == ["demo"]
+    assert [n for n in BUILT_IN if get_dataset(n).prepare is None] == ["demo", "demo_captions"]
     assert get_dataset("mlcc").layout == "<root>/MLCC/images/{train,val,test}/<class>_<n>.jpg"
 
 
@@ -130,4 +130,4 @@ def test_cli_choices_come_from_the_registry() -> None:
     assert done.returncode == 0
     assert "{mlcc,bcfc,sipakmed,hicervix,folder,csv}" in done.stdout
     done = run_cli("summary", "--dataset", "imagenet")
-    assert done.returncode == 2 and "{mlcc,bcfc,sipakmed,hicervix,folder,csv,demo}" in done.stderr
+    assert done.returncode == 2 and "{mlcc,bcfc,sipakmed,hicervix,folder,csv,demo,demo_captions}" in done.stderr

@@ -212,6 +212,7 @@ def parse_config(argv: Sequence[str] | None, default_method: str = "lora", prog:
     settings = {k: values.pop(k) for k in list(values) if k in _fields(method)}
     values = {k: v for k, v in values.items() if k in RunConfig.__dataclass_fields__}
     config = RunConfig(method=method.name, **values)
+    _task_defaults(method, config, settings)
     config.method_settings = _resolve_settings(method, settings)
     _resolve(config, {**saved, **given}, preset)
     config.experiment = method.experiment(config)
@@ -235,6 +236,16 @@ def _saved_settings(given: dict) -> dict:
     saved = {k: v for k, v in config.items() if k in RunConfig.__dataclass_fields__ and k not in skip}
     saved.update(config.get("method_settings", {}))
     return saved
+
+
+def _task_defaults(method, config: RunConfig, settings: dict) -> None:
+    """The method's defaults for this kind of data (e.g. LoRA in both towers for image-text pairs) where no
+    flag, preset or saved run set them."""
+    from datasets.registry import dataset_task
+
+    task = dataset_task(config.dataset, config.root_path)
+    for key, value in method.task_defaults.get(task, {}).items():
+        settings.setdefault(key, value)
 
 
 def _fields(method) -> set[str]:

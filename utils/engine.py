@@ -45,7 +45,8 @@ from utils.trainer import (
 )
 
 WEIGHTS_FILE = "weights.safetensors"
-HEADLINE = {"single_label": "balanced_accuracy", "multilabel": "macro_auroc"}  # the metric runs are compared on
+# the metric runs are compared on (captions: recall@1 averaged over image-to-text and text-to-image)
+HEADLINE = {"single_label": "balanced_accuracy", "multilabel": "macro_auroc", "captions": "recall@1"}
 DEMO_BANNER = (
     "SYNTHETIC DEMO: generated cell images and a small randomly initialised model, run offline. "
     "The numbers show that the pipeline learns; they are not a medical result."
@@ -120,10 +121,17 @@ class RunContext:
                 c.backbone, desc=f"features {part}")
         return self._features[part]
 
-    def epoch_steps(self) -> int:
-        """Warmup plus n_iters epochs of the train set (the linear probe's budget)."""
+    def epoch_steps(self, warmup_epochs: bool = False) -> int:
+        """Warmup plus n_iters epochs of the train set (the linear probe's budget).
+
+        ``warmup_epochs``: warmup + n_iters whole epochs instead, as the original code's experiment 1
+        counts its 50 warmup steps in epochs (``--compat seed``).
+        """
         c = self.config
-        return c.warmup_steps + c.n_iters * steps_per_epoch(len(self.split.train), c.batch_size, c.drop_last)
+        per_epoch = steps_per_epoch(len(self.split.train), c.batch_size, c.drop_last)
+        if warmup_epochs:
+            return (c.warmup_steps + c.n_iters) * per_epoch
+        return c.warmup_steps + c.n_iters * per_epoch
 
     def paper_steps(self) -> int:
         """The paper's LoRA budget: warmup + n_iters x K steps few-shot, n_iters epochs otherwise.
@@ -133,7 +141,8 @@ class RunContext:
         """
         c = self.config
         if c.shots > 0:
-            drawn = max(self.split.counts()["train"].values(), default=0)
+            # image-text pairs without classes are one class: K pairs in all
+            drawn = max(self.split.counts()["train"].values(), default=len(self.split.train))
             if drawn < c.shots:
                 print(f"note: no class has {c.shots} train images (at most {drawn}); the step budget uses "
                       f"K = {drawn}", file=sys.stderr)
@@ -154,7 +163,7 @@ def load_data(config: RunConfig):
     split = load_split(config.root_path or None, config.dataset, shots=config.shots, seed=config.seed,
                        level=config.level, percentage=config.percentage, protocol=config.protocol,
                        level_fallback=config.level_fallback or "original", label_map=config.label_map,
-                       cv=config.cv, fold=config.fold)
+                       cv=config.cv, fold=config.fold, replacement=config.compat == "seed")
     if config.num_classes is not None and config.num_classes != len(split.classes):
         raise UserError(
             f"--num_classes {config.num_classes} disagrees with the data: {config.dataset} has "
@@ -212,7 +221,8 @@ def prepare_context(config: RunConfig) -> RunContext | None:
 def _train_settings(c: RunConfig, ctx: RunContext, stage: Stage) -> TrainSettings:
     return TrainSettings(lr=stage.lr, weight_decay=c.weight_decay, warmup_steps=c.warmup_steps,
                          total_steps=stage.steps, min_lr=c.min_lr, seed=c.seed, device=ctx.device,
-                         precision=ctx.precision, checkpoint_every=c.checkpoint_every)
+                         precision=ctx.precision, checkpoint_every=c.checkpoint_every, compile=c.compile,
+                         schedule=stage.schedule, cycle_steps=c.n_iters)
 
 
 def _batches(ctx: RunContext, stage: Stage):
@@ -221,6 +231,8 @@ def _batches(ctx: RunContext, stage: Stage):
     c = ctx.config
     if stage.inputs == "features":
         x, y = ctx.features("train")
+        if stage.targets is not None:
+            y = torch.as_tensor(stage.targets)
 
         def feature_batches(start: int):
             for idx in batch_indices(len(y), c.batch_size, c.seed, start, c.drop_last):
@@ -229,7 +241,10 @@ def _batches(ctx: RunContext, stage: Stage):
                 yield x[ids], y[ids], shard
 
         return feature_batches, lambda x, seeds: x
-    data = img.IndexedBatches(ctx.split.train, ctx.spec.input_size, c.num_workers)
+    items = ctx.split.train
+    if stage.targets is not None:
+        items = [(path, target) for (path, _), target in zip(items, stage.targets, strict=True)]
+    data = img.IndexedBatches(items, ctx.spec.input_size, c.num_workers)
     mean, std = ctx.mean, ctx.std
 
     def image_batches(start: int):
@@ -253,18 +268,72 @@ def train(ctx: RunContext, plan: Plan, tracker) -> tuple[list[dict], int]:
         name = CHECKPOINT_FILE if len(plan.stages) == 1 else f"checkpoint-{stage.name}.pt"
         settings = _train_settings(ctx.config, ctx, stage)
         trainer = Trainer(stage.module, settings, ctx.out, fingerprint(ctx.config), checkpoint_name=name,
-                          extra_loss=stage.extra_loss, loss_fn=task_loss(ctx))
+                          extra_loss=stage.extra_loss, loss_fn=stage.loss or task_loss(ctx),
+                          forward_targets=stage.targets is not None)
+        validation = Validation.of(ctx, plan, stage, tracker)
+        if validation is not None:
+            trainer.extra_state = validation.state  # kept in the checkpoint: a resumed run selects the same
         if trainer.try_resume() and dist.is_main():
             print(f"resuming {stage.name} from step {trainer.step} of {stage.steps}", file=sys.stderr)
         batches, prepare = _batches(ctx, stage)
-        stats = trainer.fit(batches, prepare, log=tracker.log, desc=f"train {stage.name}")
+        stats = trainer.fit(batches, prepare, log=tracker.log, desc=f"train {stage.name}", after_step=validation)
+        record = _stage_record(stage, stats)
+        if validation is not None:
+            record["validation"] = validation.finish()
         if i < len(plan.stages) - 1:
             trainer.save_checkpoint()  # a finished stage is not trained again when the run resumes
         for p in stage.module.parameters():
             if p.grad is not None:
                 touched[id(p)] = p.numel()
-        records.append(_stage_record(stage, stats))
+        records.append(record)
     return records, sum(touched.values())
+
+
+class Validation:
+    """Validation during one stage: the headline metric on val every `every` steps and at the last step
+    (the curve), and with --select best_val the trained state of the best step, restored when the stage
+    ends (the first best step wins ties). Its state travels in the stage's checkpoint."""
+
+    def __init__(self, ctx: RunContext, plan: Plan, stage: Stage, every: int, keep_best: bool, tracker):
+        self.ctx, self.plan, self.stage, self.every, self.keep_best, self.tracker = (
+            ctx, plan, stage, every, keep_best, tracker)
+        self.state: dict = {"curve": [], "best_step": None, "best_score": None, "best_state": None, "seconds": 0.0}
+
+    @classmethod
+    def of(cls, ctx: RunContext, plan: Plan, stage: Stage, tracker) -> Validation | None:
+        c = ctx.config
+        keep_best = c.select == "best_val"
+        if not (keep_best or c.eval_every) or not ctx.split.val or stage.steps < 1:
+            if keep_best and not ctx.split.val:
+                raise UserError("--select best_val needs validation images, and this split has none")
+            return None
+        return cls(ctx, plan, stage, c.eval_every or max(stage.steps // 10, 1), keep_best, tracker)
+
+    def __call__(self, step: int) -> None:
+        if step % self.every and step != self.stage.steps:
+            return
+        t0 = time.perf_counter()
+        evaluation = EVALUATORS[self.ctx.split.task](self.ctx, self.plan, parts=("val",), extras=False)
+        score = evaluation.metrics["val"].get(HEADLINE[self.ctx.split.task])
+        score = None if score is None or score != score else float(score)  # NaN: not comparable
+        self.state["curve"].append([step, score])
+        self.tracker.log({f"val/{HEADLINE[self.ctx.split.task]}": score}, step)
+        best = self.state["best_score"]
+        if self.keep_best and score is not None and (best is None or score > best):
+            # a copy: on the CPU trained_state's tensors are the live parameters
+            best = {name: value.clone() for name, value in trained_state(self.plan.model).items()}
+            self.state.update(best_step=step, best_score=score, best_state=best)
+        self.state["seconds"] += time.perf_counter() - t0
+
+    def finish(self) -> dict:
+        """Restore the best state (with --select best_val) and describe the validation for results.json."""
+        s = self.state
+        if self.keep_best and s["best_state"] is not None:
+            self.plan.model.load_state_dict(s["best_state"], strict=False)
+        return {"metric": HEADLINE[self.ctx.split.task], "every": self.every, "curve": s["curve"],
+                "selected_step": s["best_step"] if self.keep_best else self.stage.steps,
+                "selected_val": s["best_score"] if self.keep_best else (s["curve"][-1][1] if s["curve"] else None),
+                "seconds": round(s["seconds"], 3)}
 
 
 def task_loss(ctx: RunContext):
@@ -303,7 +372,7 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def _identity(ctx: RunContext) -> dict:
     c = ctx.config
     return {"method": c.method, "method_settings": json.dumps(c.method_settings, sort_keys=True),
-            "classes": json.dumps(list(ctx.split.classes)), "model": model_label(c)}
+            "classes": json.dumps(list(ctx.split.classes)), "model": model_label(c), "compat": c.compat}
 
 
 def save_weights(ctx: RunContext, plan: Plan, folder: Path) -> None:
@@ -334,9 +403,20 @@ def load_weights(ctx: RunContext, plan: Plan, folder: Path) -> None:
 
 
 # -- evaluation -----------------------------------------------------------------------------
+@dataclass
+class Evaluation:
+    """What evaluating a run gives: metrics per part, one predictions.csv row per image, results.json extras."""
+
+    metrics: dict
+    rows: list  # (part, path, label, pred, values of the probability columns)
+    columns: list[str]  # the probability columns of predictions.csv (the classes; none for image-text pairs)
+    extra: dict = field(default_factory=dict)
+
+
 @torch.no_grad()
-def predict(ctx: RunContext, plan: Plan, part: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (float32) and labels of the plan's classifier on one part of the split."""
+def predict(ctx: RunContext, plan: Plan, part: str, fn=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32) and labels of the plan's classifier on one part of the split (or the outputs of
+    `fn`, a forward of the plan's model, on images)."""
     model = plan.model
     if plan.inputs == "features":
         x, y = ctx.features(part)
@@ -348,23 +428,32 @@ def predict(ctx: RunContext, plan: Plan, part: str) -> tuple[torch.Tensor, torch
 
     def compute(numbers: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         batches = img.iterate_batches(samples, ctx.spec.input_size, c.batch_size, c.num_workers, batches=numbers)
-        return collect_batches(model, model, batches, lambda x: normalise(x, mean, std), ctx.device, ctx.precision,
-                               len(numbers), desc=f"eval {part}")
+        return collect_batches(fn or model, model, batches, lambda x: normalise(x, mean, std), ctx.device,
+                               ctx.precision, len(numbers), desc=f"eval {part}")
 
     # under torchrun each process evaluates every N-th batch; all of them get every image, in order
     return dist.gather_outputs(compute, -(-len(samples) // c.batch_size))
 
 
-def evaluate(ctx: RunContext, plan: Plan) -> tuple[dict, list, dict]:
-    """Metrics of val and test, one prediction row per image, and what the task adds.
+PARTS = ("val", "test")
 
-    Single-label: softmax metrics, the label tree's upper levels where the dataset has one,
-    and temperature scaling fitted on val (the reported metrics are the uncalibrated ones).
-    Multi-label: sigmoid metrics per label, with F1 also at thresholds chosen on val.
-    """
-    logits = {part: predict(ctx, plan, part) for part in ("val", "test") if ctx.split.items(part)}
-    if ctx.split.task == "multilabel":
-        return _evaluate_multilabel(ctx, logits)
+
+def evaluate(ctx: RunContext, plan: Plan) -> Evaluation:
+    """Metrics of val and test, one prediction row per image, and what the task adds (see EVALUATORS).
+
+    Every evaluator takes `parts` (the parts to evaluate) and `extras` (False: only the metrics, for
+    validation during training)."""
+    return EVALUATORS[ctx.split.task](ctx, plan)
+
+
+def _logits(ctx: RunContext, plan: Plan, parts: tuple[str, ...]) -> dict:
+    return {part: predict(ctx, plan, part) for part in parts if ctx.split.items(part)}
+
+
+def _evaluate_single_label(ctx: RunContext, plan: Plan, parts=PARTS, extras: bool = True) -> Evaluation:
+    """Softmax metrics, the label tree's upper levels where the dataset has one, and temperature scaling
+    fitted on val (the reported metrics are the uncalibrated ones)."""
+    logits = _logits(ctx, plan, parts)
     metrics, rows = {}, []
     tree = _label_tree(ctx)
     for part, (out, labels) in logits.items():
@@ -376,12 +465,14 @@ def evaluate(ctx: RunContext, plan: Plan) -> tuple[dict, list, dict]:
                                                               preds.numpy())
         for (path, label), pred, p in zip(ctx.split.items(part), preds.tolist(), probs.tolist(), strict=True):
             rows.append((part, ctx.split.relative(path), label, pred, p))
-    return metrics, rows, _calibration(ctx, logits)
+    return Evaluation(metrics, rows, list(ctx.split.classes), _calibration(ctx, logits) if extras else {})
 
 
-def _evaluate_multilabel(ctx: RunContext, logits: dict) -> tuple[dict, list, dict]:
+def _evaluate_multilabel(ctx: RunContext, plan: Plan, parts=PARTS, extras: bool = True) -> Evaluation:
+    """Sigmoid metrics per label, with F1 also at thresholds chosen on val."""
     from utils.metrics import choose_thresholds, multilabel_metrics
 
+    logits = _logits(ctx, plan, parts)
     probs = {part: out.sigmoid().numpy() for part, (out, _) in logits.items()}
     targets = {part: labels.numpy() for part, (_, labels) in logits.items()}
     thresholds = choose_thresholds(probs["val"], targets["val"]) if "val" in probs else None
@@ -392,7 +483,52 @@ def _evaluate_multilabel(ctx: RunContext, logits: dict) -> tuple[dict, list, dic
             pred = ";".join(str(int(v >= 0.5)) for v in p)
             rows.append((part, ctx.split.relative(path), ";".join(map(str, label)), pred, p))
     extra = {"thresholds": None if thresholds is None else [round(float(t), 6) for t in thresholds]}
-    return metrics, rows, extra
+    return Evaluation(metrics, rows, list(ctx.split.classes), extra)
+
+
+def _evaluate_captions(ctx: RunContext, plan: Plan, parts=PARTS, extras: bool = True) -> Evaluation:
+    """Retrieval both ways between each part's images and its captions (recall@1/5/10, median rank) and,
+    when the pairs have classes, zero-shot classification from the class prompts; the same with the
+    adapters switched off (the model before fine-tuning) in ``before_finetuning``.
+
+    predictions.csv: label is the index of the image's own caption within its part, pred the caption
+    retrieved first.
+    """
+    from lora import lora_disabled
+
+    metrics, rows = _retrieval(ctx, plan, parts)
+    if not extras:
+        return Evaluation(metrics, rows, [])
+    with lora_disabled(ctx.spec.model):
+        before, _ = _retrieval(ctx, plan, parts)
+    return Evaluation(metrics, rows, [], {"before_finetuning": before})
+
+
+def _retrieval(ctx: RunContext, plan: Plan, parts: tuple[str, ...]) -> tuple[dict, list]:
+    from datasets.registry import class_prompts
+    from utils.metrics import compute_metrics, retrieval_summary
+
+    metrics, rows = {}, []
+    for part in parts:
+        samples = ctx.split.items(part)
+        if not samples:
+            continue
+        images, labels = predict(ctx, plan, part, fn=plan.model.embed_images)
+        texts = plan.model.embed_texts([ctx.split.captions[path] for path, _ in samples])
+        similarity = (images @ texts.t()).numpy()
+        metrics[part] = retrieval_summary(similarity)
+        if ctx.split.classes and int(labels.min()) >= 0:
+            prompts = plan.model.embed_texts(class_prompts(ctx.config.dataset, list(ctx.split.classes)))
+            zeroshot = compute_metrics((images @ prompts.t()).softmax(dim=1).numpy(), labels.numpy(),
+                                       ctx.split.classes)
+            metrics[part].update({f"zeroshot_{k}": zeroshot[k] for k in ("accuracy", "balanced_accuracy")})
+        for i, ((path, _), first) in enumerate(zip(samples, similarity.argmax(axis=1).tolist(), strict=True)):
+            rows.append((part, ctx.split.relative(path), i, first, []))
+    return metrics, rows
+
+
+EVALUATORS = {"single_label": _evaluate_single_label, "multilabel": _evaluate_multilabel,
+              "captions": _evaluate_captions}
 
 
 def _label_tree(ctx: RunContext) -> dict | None:
@@ -454,21 +590,26 @@ def _mean_rate(stages: list[dict]) -> float:
 SUMMARY = {"single_label": (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"),
                             ("macro_f1", "macro-F1")),
            "multilabel": (("macro_auroc", "mean AUROC"), ("mAP", "mAP"), ("macro_f1", "macro-F1 at 0.5"),
-                          ("exact_match", "exact match"))}
+                          ("exact_match", "exact match")),
+           "captions": (("image_to_text_recall@1", "image-to-text R@1"), ("image_to_text_recall@5", "R@5"),
+                        ("text_to_image_recall@1", "text-to-image R@1"), ("text_to_image_recall@5", "R@5"),
+                        ("zeroshot_accuracy", "zero-shot accuracy"))}
 
 
 def _text(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def summary(ctx: RunContext, metrics: dict, path: Path, stages: list[dict]) -> None:
+def summary(ctx: RunContext, evaluation: Evaluation, path: Path, stages: list[dict]) -> None:
     """A short human summary on stdout."""
-    shown = SUMMARY[ctx.split.task]
+    shown = [(k, n) for k, n in SUMMARY[ctx.split.task]
+             if any(k in m for m in evaluation.metrics.values())]
+    before = evaluation.extra.get("before_finetuning", {})
     for part in ("val", "test"):
-        m = metrics.get(part)
-        if m:
-            values = "  ".join(f"{name} {_text(m.get(key))}" for key, name in shown)
-            print(f"{part:>4}: {values}  (n={m['n']})")
+        for m, when in ((before.get(part), "before fine-tuning"), (evaluation.metrics.get(part), "")):
+            if m:
+                values = "  ".join(f"{name} {_text(m.get(key))}" for key, name in shown)
+                print(f"{part:>4}: {values}  (n={m['n']}{', ' + when if when else ''})")
     for s in stages:
         if s["steps_run"]:
             print(f"train {s['name']}: {s['steps_run']} steps in {s['train_seconds']:.1f} s "
@@ -510,17 +651,17 @@ def run(config: RunConfig) -> int:
                 ctx.out.mkdir(parents=True, exist_ok=True)
                 if plan.stages:
                     save_weights(ctx, plan, ctx.out)  # before evaluation: a failed evaluation keeps the trained state
-        metrics, rows, calibration = evaluate(ctx, plan)
+        evaluation = evaluate(ctx, plan)
         with dist.main_writes() as writer:
             if writer:
                 ctx.split.write_manifest(ctx.out / res.SPLIT_FILE)
-                res.write_predictions(ctx.out / res.PREDICTIONS_FILE, rows, list(ctx.split.classes))
-                record = _record(ctx, plan, metrics, stages, trainable, **calibration)
+                res.write_predictions(ctx.out / res.PREDICTIONS_FILE, evaluation.rows, evaluation.columns)
+                record = _record(ctx, plan, evaluation.metrics, stages, trainable, **evaluation.extra)
                 path = res.write_results(ctx.out / res.RESULTS_FILE, record)
                 remove_checkpoints(ctx.out)
                 tracker.results(record)  # val/test metrics, confusion matrix and per-class recall tables
                 tracker.finish()
-                summary(ctx, metrics, path, stages)
+                summary(ctx, evaluation, path, stages)
     return 0
 
 
@@ -541,20 +682,24 @@ def _eval_only(ctx: RunContext, plan: Plan) -> int:
         raise UserError(f"{out} exists: add --overwrite to replace it")
     load_weights(ctx, plan, ctx.out)
     t0 = time.perf_counter()
-    metrics, rows, calibration = evaluate(ctx, plan)
+    evaluation = evaluate(ctx, plan)
     with dist.main_writes() as writer:
         if writer:
-            res.write_predictions(ctx.out / f"eval_{res.PREDICTIONS_FILE}", rows, list(ctx.split.classes))
-            path = res.write_results(out, _record(ctx, plan, metrics, [], 0, eval_only=True,
-                                                  eval_seconds=round(time.perf_counter() - t0, 3), **calibration))
-            summary(ctx, metrics, path, [])
+            res.write_predictions(ctx.out / f"eval_{res.PREDICTIONS_FILE}", evaluation.rows, evaluation.columns)
+            path = res.write_results(out, _record(ctx, plan, evaluation.metrics, [], 0, eval_only=True,
+                                                  eval_seconds=round(time.perf_counter() - t0, 3),
+                                                  **evaluation.extra))
+            summary(ctx, evaluation, path, [])
     return 0
 
 
 def check_task(method, ctx: RunContext) -> None:
+    from methods import methods
+
     if ctx.split.task not in method.tasks:
-        raise UserError(f"--method {method.name} handles {' and '.join(method.tasks)} data, and this data is "
-                        f"{ctx.split.task}: choose a method that trains a head (linear, lora, adapter, ...)")
+        able = ", ".join(m.name for m in methods() if ctx.split.task in m.tasks)
+        raise UserError(f"--method {method.name} handles {', '.join(method.tasks)} data, and this data is "
+                        f"{ctx.split.task}: choose one of {able or 'no registered method'}")
 
 
 def open_run(folder: str | Path, args: list[str] | tuple[str, ...] = ()) -> tuple[RunContext, Plan]:

@@ -461,7 +461,7 @@ def duration(seconds: float) -> str:
 
 def _data_key(c: RunConfig) -> tuple:
     return (c.root_path, c.dataset, c.shots, c.seed, c.level, c.percentage, c.protocol, c.level_fallback,
-            c.label_map, c.num_classes, c.cv, c.fold)
+            c.label_map, c.num_classes, c.cv, c.fold, c.compat)
 
 
 def _timing_key(c: RunConfig) -> tuple:

@@ -221,6 +221,17 @@ def retrieval_metrics(similarity: np.ndarray, ks: Sequence[int] = (1, 5, 10)) ->
     return out
 
 
+def retrieval_summary(similarity: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """:func:`retrieval_metrics` as flat keys (``image_to_text_recall@5``, ``text_to_image_median_rank``, ...)
+    plus ``recall@1``, the mean of the two directions' recall@1 (the headline of image-text runs)."""
+    nested = retrieval_metrics(similarity, ks)
+    out: dict = {"n": nested["n"]}
+    for direction in ("image_to_text", "text_to_image"):
+        out.update({f"{direction}_{k}": v for k, v in nested[direction].items()})
+    out["recall@1"] = (out["image_to_text_recall@1"] + out["text_to_image_recall@1"]) / 2
+    return out
+
+
 def hierarchical_metrics(tree: dict, class_names: list[str], y_true, y_pred) -> dict:
     """Accuracy at the two upper levels of a label tree and the mean tree distance of mistakes.
 

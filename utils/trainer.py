@@ -37,6 +37,23 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
 
 
+class CompileFailed(UserError):
+    """--compile: torch.compile could not build the training step (no C++ compiler, no Triton...)."""
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """What torch.compile raises when its backend cannot compile (InductorError, e.g. a missing C++ compiler
+    or Triton, is a BackendCompilerFailed)."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    return (BackendCompilerFailed,)
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class TrainingInterrupted(Exception):
     """SIGINT or SIGTERM arrived; a checkpoint was saved."""
 
@@ -57,8 +74,13 @@ class TrainSettings:
     seed: int
     device: torch.device
     precision: str  # fp32 | bf16 | fp16
+    # the lr schedule, a key of SCHEDULES: "warmup_cosine" (every method) or "cosine_annealing" (the original
+    # code's experiment 1, --compat seed), whose cosine restarts every `cycle_steps` steps
+    schedule: str = "warmup_cosine"
+    cycle_steps: int = 0
     checkpoint_every: int = 200
     log_every: int = 10
+    compile: bool = False  # torch.compile the module's training forward (self.module and its state_dict unchanged)
 
 
 @dataclass
@@ -82,6 +104,30 @@ def lr_factor(step: int, warmup: int, total: int, base_lr: float, min_lr: float)
     progress = min(step - warmup, span) / span
     lr = min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
     return lr / base_lr
+
+
+def cosine_annealing_factor(step: int, warmup: int, cycle: int, base_lr: float, min_lr: float) -> float:
+    """The original code's experiment 1 schedule (``--compat seed``), as a factor of base_lr at `step`.
+
+    Its linear probe (mdausort/Cytology-fine-tuning, ``lora.py``, ``run_uni``) builds
+    ``CosineAnnealingLR(T_max=cycle, eta_min=min_lr)`` and pytorch_warmup's ``LinearWarmup(warmup)`` and,
+    after every batch, steps the cosine inside ``warmup_scheduler.dampening()`` once the warmup's step
+    count reaches ``warmup - 1``. So step i runs at ``cosine(max(i - warmup + 1, 0)) * min(1, (i + 1) / warmup)``,
+    where ``cosine(t) = min_lr + (base_lr - min_lr) (1 + cos(pi t / cycle)) / 2`` is CosineAnnealingLR's
+    closed form: T_max counts batches, so the lr swings between base_lr and min_lr every `cycle` steps
+    for the whole run. ``warmup`` 0 is taken as 1 (no dampening, the cosine stepped after every batch).
+    """
+    warmup = max(warmup, 1)
+    t = max(step - warmup + 1, 0)
+    lr = min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * t / max(cycle, 1)))
+    return lr * min(1.0, (step + 1) / warmup) / base_lr
+
+
+# lr schedules by name (TrainSettings.schedule, from the method's Stage): the factor of the base lr at a step
+SCHEDULES: dict[str, Callable[[int, TrainSettings], float]] = {
+    "warmup_cosine": lambda step, s: lr_factor(step, s.warmup_steps, s.total_steps, s.lr, s.min_lr),
+    "cosine_annealing": lambda step, s: cosine_annealing_factor(step, s.warmup_steps, s.cycle_steps, s.lr, s.min_lr),
+}
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -161,9 +207,12 @@ class Trainer:
 
     def __init__(self, module: nn.Module, settings: TrainSettings, run_dir: Path | None, fingerprint: str,
                  checkpoint_name: str = CHECKPOINT_FILE, extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy):
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+                 forward_targets: bool = False):
         self.module = module
         self.loss_fn = loss_fn
+        self.forward_targets = forward_targets  # the module takes (inputs, targets), e.g. image-text pairs
+        self.extra_state: dict = {}  # what a caller keeps across a resume (e.g. the best validation so far)
         self._seconds_before, self._images_before = 0.0, 0  # earlier attempts of this stage (from a checkpoint)
         self._t0: float | None = None
         self._images_now = 0
@@ -176,10 +225,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.params, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.999)
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda step: lr_factor(step, settings.warmup_steps, settings.total_steps, settings.lr, settings.min_lr),
-        )
+        if settings.schedule not in SCHEDULES:
+            raise ValueError(f"unknown lr schedule {settings.schedule!r}; known: {', '.join(SCHEDULES)}")
+        schedule = SCHEDULES[settings.schedule]
+        # a pure function of the step: a resumed run (scheduler state: the step) continues the same lrs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: schedule(step, settings))
         self.scaler = torch.amp.GradScaler(settings.device.type, enabled=settings.precision == "fp16")
         self.step = 0
 
@@ -207,6 +257,7 @@ class Trainer:
                     # time and images of every attempt so far, so that a resumed run's timing adds up
                     "seconds": self._seconds_so_far(),
                     "images": self._images_before + self._images_now,
+                    "extra": self.extra_state,
                 }
                 atomic_write(path, lambda tmp: torch.save(state, tmp))
         return path
@@ -232,6 +283,7 @@ class Trainer:
         self.step = int(state["step"])
         self._seconds_before = float(state.get("seconds", 0.0))
         self._images_before = int(state.get("images", 0))
+        self.extra_state.update(state.get("extra", {}))
         return self.step
 
     # -- training ----------------------------------------------------------------------
@@ -241,13 +293,15 @@ class Trainer:
         prepare: Callable[[torch.Tensor, list[int]], torch.Tensor],
         log: Callable[[dict], None] | None = None,
         desc: str = "train",
+        after_step: Callable[[int], None] | None = None,
     ) -> TrainStats:
         """Train from the current step to total_steps.
 
         `batches(start)` yields, for steps start, start+1, ..., either the global batch
         ``(inputs, labels)`` (each rank then takes its slice) or this rank's slice of it
         ``(inputs, labels, Shard)``; `prepare(inputs_on_device, sample_seeds)` turns them into model
-        inputs (augmentation seeded per sample).
+        inputs (augmentation seeded per sample). `after_step(step)`, when given, runs after every step
+        (e.g. validation; it may put the module in eval mode, training mode is restored after it).
         """
         s = self.s
         start = self.step
@@ -255,6 +309,7 @@ class Trainer:
         self.module.train()
         freeze_batchnorm(self.module)
         forward = self._forward_module()
+        compile_errors = _compile_errors() if s.compile else ()  # catches nothing without --compile
         progress = tqdm(total=s.total_steps, initial=start, desc=desc, unit="step", leave=False,
                         **dist.quiet_unless_main())
         t0 = self._t0 = time.perf_counter()
@@ -264,7 +319,17 @@ class Trainer:
                 if self.step >= s.total_steps:
                     break
                 inputs, labels, shard = _local_part(item)
-                loss_value, stop = self._one_step(forward, inputs, labels, shard, prepare, received)
+                try:
+                    loss_value, stop = self._one_step(forward, inputs, labels, shard, prepare, received)
+                except compile_errors as exc:
+                    if self.step != start:  # compilation happens in the first step
+                        raise
+                    progress.close()
+                    raise CompileFailed(
+                        f"--compile: torch.compile could not build the training step ({_first_line(exc)}); "
+                        "drop --compile to train without it (or install what it needs: a C++ compiler on the "
+                        "CPU, Triton on a GPU)"
+                    ) from None
                 images += shard.total
                 self._images_now = images
                 self.step += 1
@@ -275,6 +340,10 @@ class Trainer:
                         rate = images / max(time.perf_counter() - t0, 1e-9)
                         log({"train/loss": loss_value, "train/lr": self.scheduler.get_last_lr()[0],
                              "train/images_per_second": rate}, self.step)
+                if after_step is not None:
+                    after_step(self.step)
+                    self.module.train()
+                    freeze_batchnorm(self.module)
                 if stop:  # every rank agrees on the step, so they all stop together
                     path = self.save_checkpoint()
                     progress.close()
@@ -294,12 +363,18 @@ class Trainer:
         return self._seconds_before + now
 
     def _forward_module(self) -> nn.Module:
-        """The module itself, or under torchrun a DistributedDataParallel wrapper that averages gradients."""
+        """The module itself, or under torchrun a DistributedDataParallel wrapper that averages gradients.
+
+        With `compile`, the module's torch.compile wrapper instead, inside DDP under torchrun (PyTorch's
+        advice: compile the module DDP wraps; DDP's gradient buckets then split the compiled graphs). Only
+        the training forward goes through it: self.module, whose state the checkpoints and the engine save
+        and load, stays the plain module (a compiled wrapper's state_dict keys would gain `_orig_mod.`)."""
+        module = torch.compile(self.module) if self.s.compile else self.module
         if not dist.active():
-            return self.module
+            return module
         device = self.s.device
         return DistributedDataParallel(
-            self.module, device_ids=[device.index] if device.type == "cuda" else None,
+            module, device_ids=[device.index] if device.type == "cuda" else None,
             forward_sync_buffers=False,  # buffers are frozen (normalisation statistics stay fixed)
             # the same parameters take part in every step; parameters that never do (a text tower that
             # requires grad while images are trained) keep no gradient, as in one process
@@ -316,7 +391,7 @@ class Trainer:
         inputs = prepare(inputs.to(s.device, non_blocking=True), seeds)
         labels = labels.to(s.device, non_blocking=True)
         with autocast(s.device, s.precision):
-            logits = forward(inputs)
+            logits = forward(inputs, labels) if self.forward_targets else forward(inputs)
         task = self.loss_fn(logits.float(), labels)
         # DDP averages gradients over N ranks; weighting each slice's mean by N x its share of the
         # global batch makes that average the mean over the global batch, partial batches included.

@@ -15,7 +15,8 @@ from utils.config import DERIVED_FIELDS, RUNTIME_FIELDS, RunConfig, method_label
 
 RESULTS_FILE = res.RESULTS_FILE
 HEADLINE = "headline"  # pseudo-metric: each run's own headline (balanced accuracy, or mean AUROC)
-HEADLINE_NAMES = {"balanced_accuracy": "balanced accuracy", "macro_auroc": "mean AUROC"}
+HEADLINE_NAMES = {"balanced_accuracy": "balanced accuracy", "macro_auroc": "mean AUROC",
+                  "recall@1": "recall@1 (mean of image-to-text and text-to-image)"}
 # What two arms must share to be paired: the same data (the first is the one shown).
 CONTEXT_FIELDS = ("dataset", "level", "shots", "percentage", "dataset_name", "root_path", "level_fallback",
                   "protocol", "label_map")

@@ -26,7 +26,9 @@ from utils.results import PREDICTIONS_FILE
 from utils.stats import paired_bootstrap, summarize, two_level_paired_bootstrap
 
 METRICS = {"balanced_accuracy": ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece"),
-           "macro_auroc": ("macro_auroc", "mAP", "macro_f1", "exact_match")}  # per headline metric
+           "macro_auroc": ("macro_auroc", "mAP", "macro_f1", "exact_match"),
+           "recall@1": ("recall@1", *(f"{d}_recall@{k}" for d in ("image_to_text", "text_to_image")
+                                      for k in (1, 5, 10)), "zeroshot_accuracy")}  # per headline metric
 
 
 def summary_row(group: Group, varying: Sequence[str]) -> dict:
@@ -325,7 +327,7 @@ def setting_table(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
     for dataset, members in by_dataset(groups):
         headline = members[0].runs[0].headline
         metrics = METRICS.get(headline, METRICS["balanced_accuracy"])
-        chance = "0.5 (AUROC)" if headline == "macro_auroc" else f"{100 / max(1, _n_classes(members[0])):.1f}"
+        chance = _chance(headline, members[0])
         lines += [f"### {dataset} (chance level of the headline metric: {chance})", "",
                   "| Arm | Data | " + " | ".join(metrics) + " | lr | seeds |",
                   "|---|---|" + "---|" * len(metrics) + "---|---|"]
@@ -355,6 +357,38 @@ def recall_table(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
             lines.append(f"| {arm_label(g, varying)} | {_column_label(g.config)} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
+
+
+def _chance(headline: str, group: Group) -> str:
+    """The headline metric of a random guess, as text."""
+    if headline == "macro_auroc":
+        return "0.5 (AUROC)"
+    if headline == "recall@1":
+        n = group.runs[0].data.get("n_test") or 0
+        return f"{100 / max(1, n):.1f} (1 / {n} test pairs)"
+    return f"{100 / max(1, _n_classes(group)):.1f}"
+
+
+def before_after_table(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
+    """Image-text runs: test retrieval and zero-shot accuracy before fine-tuning (adapters off) and after, mean
+    over seeds."""
+    shown = ("image_to_text_recall@1", "image_to_text_recall@5", "text_to_image_recall@1", "text_to_image_recall@5",
+             "zeroshot_accuracy")
+    rows = []
+    for g in sorted(groups, key=_arm_rank):
+        if not all("before_finetuning" in r.data for r in g.runs):
+            continue
+        cells = []
+        for name in shown:
+            before = [r.data["before_finetuning"].get("test", {}).get(name) for r in g.runs]
+            after = [r.data["metrics"]["test"].get(name) for r in g.runs]
+            cells.append(f"{_pct(before)} → {_pct(after)}")
+        rows.append(f"| {_dataset_name(g.config)} | {_column_label(g.config)} | {arm_label(g, varying)} | "
+                    + " | ".join(cells) + f" | {len(g.runs)} |")
+    if not rows:
+        return []
+    return ["| Dataset | Data | Arm | image→text R@1 | R@5 | text→image R@1 | R@5 | zero-shot accuracy | seeds |",
+            "|---|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def _n_classes(group: Group) -> int:
@@ -441,7 +475,14 @@ def markdown_report(source: Path, runs: Sequence[Run], groups: Sequence[Group], 
     recall = recall_table(chosen, varying)
     if recall:
         lines += ["## Recall of each class (test, %, mean over seeds)", ""] + recall
-    for metric, title in ((HEADLINE, "Headline metric (balanced accuracy; mean AUROC for multi-label data)"),
+    before_after = before_after_table(chosen, varying)
+    if before_after:
+        lines += ["## Image-text pairs before and after fine-tuning (test, %, mean over seeds)", "",
+                  "Before: the same model with its adapters switched off. Retrieval ranks each image's own "
+                  "caption among all test captions (and back); zero-shot accuracy classifies from the class "
+                  "prompts.", ""] + before_after
+    for metric, title in ((HEADLINE, "Headline metric (balanced accuracy; mean AUROC for multi-label data; "
+                                     "mean recall@1 of both directions for image-text pairs)"),
                           ("accuracy", "Accuracy")):
         lines += [f"## {title} (test)", ""] + markdown_tables(chosen, varying, metric)
     calibration = calibration_tables(chosen, varying)
