@@ -13,6 +13,9 @@ Variants (same random-init weights, same input batch, same precision, interleave
   peft-hf     peft on --params (q_proj/v_proj...) of a Hugging Face CLIP vision tower of the same shape
               (width, depth, heads, patch, image size) + head: the q/v-only peft reference (ViTs only)
   floor-hf    the frozen Hugging Face tower's forward + backward to the input (peft-hf's own floor)
+  ours-compiled  ours with the model's forward in torch.compile (what --compile True does in training);
+              added by --compile, which also prints its median step time against ours (eager) and their
+              ratio. Compilation happens in the first warm-up step, so --compile needs --warmup 1 or more
 
 --model is an open_clip architecture (its image tower) or a timm model (e.g. efficientnet_lite0).
 Memory (--memory): each variant runs alone in a fresh subprocess. On CPU: the process's lifetime peak
@@ -24,6 +27,7 @@ its rise over the memory allocated before them.
 Examples:
   python benchmarks/lora_step.py --model ViT-B-16 --batch 8 --threads 1 --memory
   python benchmarks/lora_step.py --model efficientnet_lite0 --params pw --batch 16 --threads 1
+  python benchmarks/lora_step.py --model ViT-B-16 --batch 8 --variants ours --compile
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.errors import UserError
 from lora import LoRAError, apply_lora, lora_layers, lora_parameters, parse_params
 
-VARIANTS = ("floor", "floor-ours", "ours", "dora", "peft", "peft-dora", "peft-hf", "floor-hf")
+VARIANTS = ("floor", "floor-ours", "ours", "dora", "peft", "peft-dora", "peft-hf", "floor-hf", "ours-compiled")
 VIT_VARIANTS = ("floor", "floor-ours", "ours", "dora", "peft", "peft-hf", "floor-hf")
 CONV_VARIANTS = ("floor", "floor-ours", "ours", "dora", "peft", "peft-dora")
 HF_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
@@ -100,7 +104,8 @@ def _hf_tower(tower: nn.Module) -> nn.Module:
 
 
 def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(pixel_values=x) if "transformers" in type(model).__module__ else model(x)
+    inner = getattr(model, "_orig_mod", model)  # the module a torch.compile wrapper compiles
+    out = model(pixel_values=x) if "transformers" in type(inner).__module__ else model(x)
     return out.pooler_output if hasattr(out, "pooler_output") else out
 
 
@@ -111,6 +116,7 @@ class Step:
         self.name, self.run = name, run
         self.times: list[float] = []  # wall-clock seconds per step
         self.cpu: list[float] = []  # CPU seconds of this process per step (less sensitive to other load)
+        self.first: float | None = None  # wall-clock seconds of the first warm-up step (compilation, if any)
 
 
 def _set_mode(model: nn.Module, freeze_bn: bool) -> nn.Module:
@@ -136,15 +142,17 @@ def _floor_step(model: nn.Module, x: torch.Tensor, autocast: Callable) -> Callab
 
 
 def _train_step(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, labels: torch.Tensor,
-                autocast: Callable) -> Callable[[], None]:
+                autocast: Callable, compiled: bool = False) -> Callable[[], None]:
     with torch.no_grad():
-        dim = _features(model, x[:1]).shape[-1]
+        dim = _features(model, x[:1]).shape[-1]  # eager: no compilation for this one-image probe
     head = nn.Linear(dim, int(labels.max()) + 1).to(x.device)
     opt = torch.optim.AdamW(params + list(head.parameters()), lr=1e-4, weight_decay=1e-2)
+    # compiled on its first call, a warm-up step; static shapes, as the trainer compiles
+    forward = torch.compile(model, dynamic=False) if compiled else model
 
     def run() -> None:
         with autocast():
-            loss = F.cross_entropy(head(_features(model, x)).float(), labels)
+            loss = F.cross_entropy(head(_features(forward, x)).float(), labels)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -189,9 +197,10 @@ def build_step(name: str, base: nn.Module, args: argparse.Namespace, x: torch.Te
         for _, layer in lora_layers(model):
             layer.enabled = False  # what lora_disabled does, for the lifetime of this copy
         return Step(name, _floor_step(model, x, autocast))
-    if name in ("ours", "dora"):
+    if name in ("ours", "dora", "ours-compiled"):
         model = _set_mode(_ours(base, letters, args, dora=name == "dora"), args.freeze_bn)
-        return Step(name, _train_step(model, lora_parameters(model), x, labels, autocast))
+        return Step(name, _train_step(model, lora_parameters(model), x, labels, autocast,
+                                      compiled=name == "ours-compiled"))
     if name in ("peft", "peft-dora"):
         if name == "peft-dora" and vit:
             raise UserError("peft has no DoRA for nn.MultiheadAttention; use peft-hf or leave out peft-dora")
@@ -228,8 +237,12 @@ def _sync(device: torch.device) -> None:
 def measure(steps: list[Step], warmup: int, repeats: int, device: torch.device) -> None:
     """Warm every variant up, then time them in turns so that machine noise hits all alike."""
     for step in steps:
-        for _ in range(warmup):
+        for i in range(warmup):
+            start = time.perf_counter()
             step.run()
+            if i == 0:
+                _sync(device)
+                step.first = time.perf_counter() - start
     _sync(device)
     for _ in range(repeats):
         for step in steps:
@@ -344,13 +357,14 @@ def report(steps: list[Step], args: argparse.Namespace, device: torch.device, fl
     if memory:
         print("memory, each variant alone in a fresh process, MiB: life = lifetime peak RSS (getrusage, build "
               "included), peak = peak during the steps, rise = peak over the start of the steps")
-    header = f"{'variant':<11}{'median s':>9}{'min s':>8}" + "".join(f"{'/' + r:>12}" for r in refs)
+    width = max([11] + [len(s.name) + 1 for s in steps])
+    header = f"{'variant':<{width}}{'median s':>9}{'min s':>8}" + "".join(f"{'/' + r:>12}" for r in refs)
     header += f"{'cpu s':>7}" + "".join(f"{'cpu~' + r:>15}" for r in paired)
     header += f"{'life MiB':>9}{'peak MiB':>9}{'rise MiB':>9}" if memory else ""
     header += f"{'img/s':>9}{'MFU':>7}" if flops else ""
     print(header)
     for s in steps:
-        line = f"{s.name:<11}{med[s.name]:>9.3f}{min(s.times):>8.3f}"
+        line = f"{s.name:<{width}}{med[s.name]:>9.3f}{min(s.times):>8.3f}"
         line += "".join(_ratio(med[s.name], med[r], 12) for r in refs)
         line += f"{statistics.median(s.cpu):>7.2f}" + "".join(f"{_paired(s, by_name[r]):>15.3f}" for r in paired)
         if memory:
@@ -362,6 +376,13 @@ def report(steps: list[Step], args: argparse.Namespace, device: torch.device, fl
             mfu = f"{3 * flops * ips / (peak * 1e12):>7.1%}" if peak else f"{'?':>7}"
             line += f"{ips:>9.1f}{mfu}"
         print(line)
+    if "ours-compiled" in by_name and "ours" in by_name:
+        compiled, eager = med["ours-compiled"], med["ours"]
+        first = by_name["ours-compiled"].first
+        print(f"compiled vs eager LoRA step (ours), median of {args.steps} timed steps after {args.warmup} warm-up "
+              f"steps: compiled {compiled:.4f} s, eager {eager:.4f} s, compiled/eager {compiled / eager:.3f} "
+              f"(speed-up x{eager / compiled:.2f}); first compiled step (compilation, excluded) "
+              f"{first if first is not None else float('nan'):.1f} s")
 
 
 def build_model_size(model: nn.Module) -> int:
@@ -407,6 +428,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory", action="store_true", help="also measure each variant's memory in a fresh process")
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--peak-tflops", type=float, default=0.0, help="accelerator peak for the MFU estimate")
+    p.add_argument("--compile", action="store_true", help="also time ours with torch.compile (ours-compiled) and "
+                                                          "print compiled vs eager step time and their ratio")
     return p.parse_args(argv)
 
 
@@ -421,6 +444,11 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         if args.variants is None:
             args.variants = list(VIT_VARIANTS if _is_open_clip(args.model) else CONV_VARIANTS)
+        if args.compile and not args.memory_child:  # a memory child runs the one variant it is given
+            args.variants += [v for v in ("ours", "ours-compiled") if v not in args.variants]
+        if "ours-compiled" in args.variants and args.warmup < 1:
+            raise UserError("ours-compiled compiles in its first step: give --warmup 1 or more, so that the "
+                            "timed steps exclude compilation")
         device = torch.device(args.device)
         if args.memory_child:
             print(json.dumps(measure_memory_child(args, device)))

@@ -368,8 +368,13 @@ class Trainer:
         With `compile`, the module's torch.compile wrapper instead, inside DDP under torchrun (PyTorch's
         advice: compile the module DDP wraps; DDP's gradient buckets then split the compiled graphs). Only
         the training forward goes through it: self.module, whose state the checkpoints and the engine save
-        and load, stays the plain module (a compiled wrapper's state_dict keys would gain `_orig_mod.`)."""
-        module = torch.compile(self.module) if self.s.compile else self.module
+        and load, stays the plain module (a compiled wrapper's state_dict keys would gain `_orig_mod.`).
+
+        Shapes are static (dynamic=False): a run has few batch sizes (the full batch, an epoch's last partial
+        one, their slices under torchrun), each compiled once; with automatic dynamic shapes torch 2.14's
+        compiled LoRA dropout (a dtype view of random words, eager between graphs) fails on the first
+        partial batch ("setStorage: ... out of bounds")."""
+        module = torch.compile(self.module, dynamic=False) if self.s.compile else self.module
         if not dist.active():
             return module
         device = self.s.device

@@ -372,8 +372,7 @@ def _chance(headline: str, group: Group) -> str:
 def before_after_table(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
     """Image-text runs: test retrieval and zero-shot accuracy before fine-tuning (adapters off) and after, mean
     over seeds."""
-    shown = ("image_to_text_recall@1", "image_to_text_recall@5", "text_to_image_recall@1", "text_to_image_recall@5",
-             "zeroshot_accuracy")
+    shown = (*(f"{d}_recall@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)), "zeroshot_accuracy")
     rows = []
     for g in sorted(groups, key=_arm_rank):
         if not all("before_finetuning" in r.data for r in g.runs):
@@ -387,8 +386,8 @@ def before_after_table(groups: Sequence[Group], varying: Sequence[str]) -> list[
                     + " | ".join(cells) + f" | {len(g.runs)} |")
     if not rows:
         return []
-    return ["| Dataset | Data | Arm | image→text R@1 | R@5 | text→image R@1 | R@5 | zero-shot accuracy | seeds |",
-            "|---|---|---|---|---|---|---|---|---|", *rows, ""]
+    return ["| Dataset | Data | Arm | image→text R@1 | R@5 | R@10 | text→image R@1 | R@5 | R@10 | zero-shot accuracy | "
+            "seeds |", "|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def _n_classes(group: Group) -> int:
