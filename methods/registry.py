@@ -167,6 +167,14 @@ def compat_notes(ctx, *quirks: str) -> dict:
     return {"compat_seed": applied} if applied else {}
 
 
+def check_task(method: Method, task: str) -> None:
+    """MethodError naming the methods that can, when `method` does not handle data of kind `task`."""
+    if task not in method.tasks:
+        able = ", ".join(m.name for m in methods() if task in m.tasks)
+        raise MethodError(f"--method {method.name} handles {', '.join(method.tasks)} data, and this data is "
+                          f"{task}: choose one of {able or 'no registered method'}")
+
+
 def settings_dict(settings: object) -> dict:
     """A settings dataclass as plain JSON values (tuples as lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}

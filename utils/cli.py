@@ -240,10 +240,13 @@ def _saved_settings(given: dict) -> dict:
 
 def _task_defaults(method, config: RunConfig, settings: dict) -> None:
     """The method's defaults for this kind of data (e.g. LoRA in both towers for image-text pairs) where no
-    flag, preset or saved run set them."""
+    flag, preset or saved run set them; a method that does not handle the data is refused here."""
     from datasets.registry import dataset_task
+    from methods.registry import check_task
 
     task = dataset_task(config.dataset, config.root_path)
+    if task is not None:
+        check_task(method, task)  # before anything runs (a sweep checks every run's arguments this way)
     for key, value in method.task_defaults.get(task, {}).items():
         settings.setdefault(key, value)
 

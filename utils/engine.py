@@ -694,12 +694,9 @@ def _eval_only(ctx: RunContext, plan: Plan) -> int:
 
 
 def check_task(method, ctx: RunContext) -> None:
-    from methods import methods
+    from methods.registry import check_task as check
 
-    if ctx.split.task not in method.tasks:
-        able = ", ".join(m.name for m in methods() if ctx.split.task in m.tasks)
-        raise UserError(f"--method {method.name} handles {', '.join(method.tasks)} data, and this data is "
-                        f"{ctx.split.task}: choose one of {able or 'no registered method'}")
+    check(method, ctx.split.task)
 
 
 def open_run(folder: str | Path, args: list[str] | tuple[str, ...] = ()) -> tuple[RunContext, Plan]:
