@@ -24,10 +24,9 @@ def build(ctx, s: LinearSettings) -> Plan:
     if ctx.config.compat == "seed":
         # the original's experiment 1: 50 (warmup) + n_iters epochs under CosineAnnealingLR(T_max=n_iters)
         # stepped per batch after a 50-step linear warmup (utils.trainer.cosine_annealing_factor)
-        stage = Stage("linear", head, "features", ctx.epoch_steps(warmup_epochs=True), ctx.config.lr,
-                      schedule="cosine_annealing")
+        stage = Stage("linear", head, "features", ctx.probe_steps(), ctx.config.lr, schedule="cosine_annealing")
     else:
-        stage = Stage("linear", head, "features", ctx.epoch_steps(), ctx.config.lr)
+        stage = Stage("linear", head, "features", ctx.probe_steps(), ctx.config.lr)
     plan = add_transductive_stage(ctx, Plan(head, "features", [stage]), s)
     plan.notes.update(compat_notes(ctx, "exp1_schedule"))
     return plan

@@ -86,6 +86,10 @@ def test_step_budgets_are_the_engines(tmp_path):
                       "--n_iters", "2"], "lora")
     assert [(s.name, s.inputs, s.steps) for s in est.run_stages(c, split, est.method_shape(c))] == [
         ("lp", "features", 50 + 2 * 2), ("ft", "images", 50 + 2 * 10)]  # 2 batches of 32 per epoch
+    c = parse_config(["--method", "linear", "--dataset", "demo", "--model_name", "tiny_clip", "--shots", "10",
+                      "--batch_size", "16", "--n_iters", "2", "--compat", "seed"], "linear")
+    (linear,) = est.run_stages(c, split, est.method_shape(c))
+    assert linear.steps == (50 + 2) * 3  # the original's experiment 1: warmup + n_iters whole epochs
 
 
 @pytest.fixture

@@ -133,6 +133,11 @@ class RunContext:
             return (c.warmup_steps + c.n_iters) * per_epoch
         return c.warmup_steps + c.n_iters * per_epoch
 
+    def probe_steps(self) -> int:
+        """The linear probe's budget (the paper's experiment 1): epoch_steps, or with --compat seed the
+        original code's warmup + n_iters whole epochs."""
+        return self.epoch_steps(warmup_epochs=self.config.compat == "seed")
+
     def paper_steps(self) -> int:
         """The paper's LoRA budget: warmup + n_iters x K steps few-shot, n_iters epochs otherwise.
 

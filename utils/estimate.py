@@ -33,14 +33,14 @@ class Shape:
     whose frozen features it needs (extracted once per model and images, then cached), and whether it
     evaluates on features or on images."""
 
-    stages: tuple[tuple[str, str, str | int], ...]  # budget: "epoch", "paper" or a fixed number of steps
+    stages: tuple[tuple[str, str, str | int], ...]  # budget: "epoch", "probe", "paper" or a number of steps
     feature_parts: tuple[str, ...]
     evaluates_on: str
 
 
-def _feature_head(name: str) -> Callable[[object], Shape]:
+def _feature_head(name: str, budget: str = "epoch") -> Callable[[object], Shape]:
     def shape(s) -> Shape:
-        stages = [(name, "features", "epoch")]
+        stages = [(name, "features", budget)]
         if getattr(s, "transductive", "none") != "none":
             stages.append(("transductive", "features", s.ti_steps))
         return Shape(tuple(stages), PARTS, "features")
@@ -52,12 +52,11 @@ def _on_images(name: str) -> Callable[[object], Shape]:
     return lambda s: Shape(((name, "images", "paper"),), (), "images")
 
 
-# A private copy of what each method's build() decides (methods/*.py): which budget each stage takes
-# and what passes through the backbone. It belongs with the methods: the lead moves it to a
-# `budget` hook of methods.registry.Method (see the report of this change); a method missing here
-# is reported as such, never guessed.
+# What each method's build() decides (methods/*.py), by name: which budget each stage takes (a
+# RunContext method: epoch_steps, probe_steps or paper_steps) and what passes through the backbone.
+# A second record of those decisions: a method missing here is reported as such, never guessed.
 _SHAPES: dict[str, Callable[[object], Shape]] = {
-    "linear": _feature_head("linear"),
+    "linear": _feature_head("linear", "probe"),
     "prototype": _feature_head("prototype"),
     "adapter": _feature_head("adapter"),
     "lora": _on_images("lora"),
@@ -118,14 +117,14 @@ def run_stages(config: RunConfig, split, shape: Shape) -> list[StageSteps]:
 
     from utils.engine import RunContext
 
-    # A context without a model: epoch_steps and paper_steps read only the settings and the split.
+    # A context without a model: the budgets read only the settings and the split.
     ctx = RunContext(config=config, out=run_dir(config), split=split, spec=None, device=torch.device("cpu"),
                      precision="fp32")
     out = []
     for name, inputs, budget in shape.stages:
         with contextlib.redirect_stderr(io.StringIO()):  # paper_steps' note on small classes, once per run
-            steps = {"epoch": ctx.epoch_steps, "paper": ctx.paper_steps}[budget]() if isinstance(budget, str) \
-                else int(budget)
+            budgets = {"epoch": ctx.epoch_steps, "probe": ctx.probe_steps, "paper": ctx.paper_steps}
+            steps = budgets[budget]() if isinstance(budget, str) else int(budget)
         out.append(_stage_steps(config, len(split.train), name, inputs, steps))
     return out
 
