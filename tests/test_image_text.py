@@ -100,8 +100,10 @@ def test_contrastive_lora_trains_both_towers_and_reports_retrieval(caption_run):
 
     with safe_open(str(folder / "weights.safetensors"), "pt") as f:
         keys = list(f.keys())
+        saved = sum(f.get_tensor(k).numel() for k in keys)
     assert "log_scale" in keys and any("transformer" in k and "visual" not in k for k in keys)
     assert any("visual" in k for k in keys)
+    assert r["trainable_params"] == saved  # every saved tensor, text tower included, received a gradient
     assert "before fine-tuning" in result.stdout
     rows = list(csv.DictReader((folder / "predictions.csv").open()))
     assert list(rows[0]) == ["split", "path", "label", "pred"] and len(rows) == r["n_val"] + 100
