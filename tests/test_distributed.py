@@ -160,7 +160,10 @@ def two_processes(tmp_path_factory) -> dict:
     runs = [("main_lora.py", [*lora, "--output_dir", str(out / "lora2")], None),
             ("main_lora.py", [*lora, "--output_dir", str(out / "resumed")], 6),  # SIGTERM to rank 1 in step 7
             ("main_lora.py", [*lora, "--output_dir", str(out / "resumed")], None),  # the same command resumes
-            ("main.py", [*linear, "--output_dir", str(out / "linear2")], None)]
+            ("main.py", [*linear, "--output_dir", str(out / "linear2")], None),
+            ("main_lora.py", ["--dataset", "demo_captions", "--shots", "2", "--n_iters", "1", "--warmup_steps", "1",
+                              "--batch_size", "4", "--device", "cpu", "--num_workers", "0",
+                              "--output_dir", str(out / "captions2")], None)]
     _spawn(_worker, out, runs, str(out / "cache"))
     return {"out": out, "lora": lora, "linear": linear}
 
@@ -216,6 +219,13 @@ def test_two_processes_run_the_entry_points_like_one(two_processes, tmp_path):
     wr = load_file(_the_run(resumed) / "weights.safetensors")
     for name in w2:
         torch.testing.assert_close(wr[name], w2[name], atol=1e-6, rtol=0)
+
+    # image-text pairs: contrastive LoRA trains (each process contrasting its slice) and retrieval is
+    # evaluated on every pair once, the embeddings gathered in order
+    rc = json.loads((_the_run(out / "captions2") / "results.json").read_text())
+    assert rc["world_size"] == 2 and rc["task"] == "captions" and rc["metrics"]["test"]["n"] == 100
+    test_rows = [p for p in _predictions(_the_run(out / "captions2")) if p["split"] == "test"]
+    assert sorted(int(p["label"]) for p in test_rows) == list(range(100))
 
     # frozen features extracted in shares and gathered; the cache written once
     l1, l2 = _the_run(linear1), _the_run(linear2)
