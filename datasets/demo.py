@@ -138,14 +138,21 @@ def write_demo(folder: Path) -> None:
 
     for split in SPLIT_SIZES:
         (folder / split).mkdir()
+    for c, cls, split, _, n in _numbered_cells():
+        pixels = draw_cell(STYLES[cls], seed=(SEED, c, n))
+        Image.fromarray(pixels).save(folder / split / f"{cls}_{n}.png", compress_level=1)
+    (folder / MARKER).write_text(MARKER_TEXT)
+
+
+def _numbered_cells():
+    """(class index, class, split, index in the split, number in the class from 1) of every cell, in drawing
+    order: each class's train, then val, then test cells."""
     for c, cls in enumerate(CLASSES):
         n = 0
-        for split, size in SPLIT_SIZES.items():
-            for _ in range(size):
+        for split, count in SPLIT_SIZES.items():
+            for i in range(count):
                 n += 1
-                pixels = draw_cell(STYLES[cls], seed=(SEED, c, n))
-                Image.fromarray(pixels).save(folder / split / f"{cls}_{n}.png", compress_level=1)
-    (folder / MARKER).write_text(MARKER_TEXT)
+                yield c, cls, split, i, n
 
 
 def caption_attributes() -> list[tuple[str, str, str]]:
@@ -164,31 +171,23 @@ def caption(cls: str, size: str, stain: str, position: str) -> str:
 
 def write_demo_captions(folder: Path) -> None:
     """Draw the demo_captions dataset into ``folder`` (which must exist): images and the three CSVs."""
-    import csv
-
     from PIL import Image
+
+    from datasets.tabular import write_tables
 
     combos = caption_attributes()
     first = {"test": 0, "val": SPLIT_SIZES["test"], "train": 0}
-    rows: dict[str, list[list[str]]] = {split: [] for split in SPLIT_SIZES}
+    rows: dict[str, list[tuple[int, list[str]]]] = {split: [] for split in SPLIT_SIZES}
     for split in SPLIT_SIZES:
         (folder / split).mkdir()
-    for c, cls in enumerate(CLASSES):
-        n = 0
-        for split, count in SPLIT_SIZES.items():
-            for i in range(count):
-                n += 1
-                size, stain, position = combos[(first[split] + i) % len(combos)]
-                pixels = draw_cell(STYLES[cls], seed=(SEED, 7, c, n), offset=POSITIONS[position], scale=SIZES[size],
-                                   stain=STAINS[stain])
-                name = f"{split}/{cls}_{n}.png"
-                Image.fromarray(pixels).save(folder / name, compress_level=1)
-                rows[split].append([name, cls, caption(cls, size, stain, position)])
-    for split, table in rows.items():
-        with open(folder / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["path", "label", "caption"])
-            writer.writerows(table)
+    for c, cls, split, i, n in _numbered_cells():
+        size, stain, position = combos[(first[split] + i) % len(combos)]
+        pixels = draw_cell(STYLES[cls], seed=(SEED, 7, c, n), offset=POSITIONS[position], scale=SIZES[size],
+                           stain=STAINS[stain])
+        name = f"{split}/{cls}_{n}.png"
+        Image.fromarray(pixels).save(folder / name, compress_level=1)
+        rows[split].append((len(rows[split]) + 2, [name, cls, caption(cls, size, stain, position)]))
+    write_tables(folder, ["path", "label", "caption"], rows, overwrite=False)
     (folder / MARKER).write_text(CAPTIONS_MARKER_TEXT)
 
 

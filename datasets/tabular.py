@@ -210,7 +210,7 @@ def prepare_csv(request: PrepareRequest) -> dict:
     hint = "keep only the 0/1 label columns with --columns a,b,c" if not request.columns else LABEL_HINT
     tables = {s: parse_table(["path", *columns], per_split[s], f"{src} (split {s})", hint) for s in SPLITS}
     listing = combine(tables, dst)
-    _write_tables(dst, ["path", *columns], per_split, request.overwrite)
+    write_tables(dst, ["path", *columns], per_split, request.overwrite)
     return _report(listing, dst, columns)
 
 
@@ -247,7 +247,9 @@ def _written_path(image: Path, dst: Path) -> str:
         return str(image)
 
 
-def _write_tables(dst: Path, header: list[str], per_split, overwrite: bool) -> None:
+def write_tables(dst: Path, header: list[str], per_split, overwrite: bool) -> None:
+    """``<dst>/{train,val,test}.csv`` from (line, cells) rows per split, atomically; existing files are kept
+    unless ``overwrite``."""
     present = [f"{s}.csv" for s in SPLITS if (dst / f"{s}.csv").exists()]
     if present and not overwrite:
         raise DatasetError(
