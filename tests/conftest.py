@@ -38,6 +38,25 @@ def run_datasets_cli(*args: str) -> subprocess.CompletedProcess:
 COLOURS = {"blue": (40, 60, 200), "red": (200, 50, 40), "green-ish": (50, 180, 70)}
 
 
+def feature_batches(x, y, batch_size: int = 8, kill_at: int | None = None):
+    """Trainer.fit's `batches(start)` over rows of `x` and labels `y` (seed 1); with `kill_at`, this process
+    sends itself a SIGTERM when that step's batch is drawn."""
+    import os
+    import signal
+
+    import torch
+
+    from utils.trainer import batch_indices
+
+    def gen(start):
+        for step, idx in enumerate(batch_indices(len(y), batch_size, 1, start), start=start):
+            if kill_at is not None and step == kill_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            ids = torch.as_tensor(idx)
+            yield x[ids], y[ids]
+    return gen
+
+
 def write_cell(path: Path, colour, rng: np.random.Generator, size: int = 16) -> None:
     """A small noisy image of one dominant colour."""
     base = np.array(colour, dtype=float)

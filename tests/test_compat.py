@@ -7,9 +7,7 @@
 import copy
 import json
 import math
-import os
 import random
-import signal
 
 import pytest
 import torch
@@ -28,9 +26,9 @@ from lora import (
     read_lora_settings,
     save_lora,
 )
-from tests.conftest import make_folder_dataset, run_entry
+from tests.conftest import feature_batches, make_folder_dataset, run_entry
 from utils.images import IndexedBatches
-from utils.trainer import Trainer, TrainingInterrupted, TrainSettings, batch_indices, steps_per_epoch
+from utils.trainer import Trainer, TrainingInterrupted, TrainSettings, steps_per_epoch
 
 LR, MIN_LR = 2e-4, 1e-6
 
@@ -75,13 +73,7 @@ def _head():
 
 
 def _feature_batches(kill_at=None):
-    def gen(start):
-        for step, idx in enumerate(batch_indices(len(Y), 8, 1, start), start=start):
-            if kill_at is not None and step == kill_at:
-                os.kill(os.getpid(), signal.SIGTERM)
-            ids = torch.as_tensor(idx)
-            yield X[ids], Y[ids]
-    return gen
+    return feature_batches(X, Y, 8, kill_at)
 
 
 def _recording(trainer: Trainer):

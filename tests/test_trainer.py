@@ -1,12 +1,11 @@
 """The shared training loop: schedule, batch order, exact resume after a signal, NaN stop."""
 
-import os
-import signal
 
 import pytest
 import torch
 from torch import nn
 
+from tests.conftest import feature_batches
 from utils.trainer import (
     Trainer,
     TrainingDiverged,
@@ -67,13 +66,7 @@ def _trainer(model, run_dir, total=30, lr=0.05):
 
 
 def _batches(kill_at=None):
-    def gen(start):
-        for step, idx in enumerate(batch_indices(len(Y), 8, 1, start), start=start):
-            if kill_at is not None and step == kill_at:
-                os.kill(os.getpid(), signal.SIGTERM)
-            ids = torch.as_tensor(idx)
-            yield X[ids], Y[ids]
-    return gen
+    return feature_batches(X, Y, 8, kill_at)
 
 
 def _augment(x, seeds):
