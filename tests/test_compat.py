@@ -326,3 +326,24 @@ def test_lora_under_compat_records_the_quirks_that_apply(folder_root, tmp_path):
     folder = sorted(tmp_path.rglob("results.json"))[0].parent
     assert read_lora_settings(folder / "lora.safetensors")["original_attention"] is True
     assert json.loads((folder / "split.json").read_text())["replacement"] is True
+
+
+def test_weights_saved_before_compat_existed_load_as_compat_none(tmp_path):
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from common.errors import UserError
+    from utils.config import RunConfig
+    from utils.engine import WEIGHTS_FILE, _identity, load_weights
+
+    head = nn.Linear(2, 2)
+    ctx = SimpleNamespace(config=RunConfig(method="linear"), split=SimpleNamespace(classes=["a", "b"]))
+    metadata = {k: v for k, v in _identity(ctx).items() if k != "compat"}
+    save_file({n: p.detach() for n, p in head.named_parameters()}, str(tmp_path / WEIGHTS_FILE), metadata=metadata)
+    plan = SimpleNamespace(model=nn.Linear(2, 2))
+    load_weights(ctx, plan, tmp_path)
+    assert torch.equal(plan.model.weight, head.weight)
+    ctx.config.compat = "seed"
+    with pytest.raises(UserError, match="saved with compat none, but this run has seed"):
+        load_weights(ctx, plan, tmp_path)

@@ -394,7 +394,7 @@ def load_weights(ctx: RunContext, plan: Plan, folder: Path) -> None:
     if not path.is_file():
         raise UserError(f"no trained weights at {path}: point --run at a finished run folder of a trained method")
     with safe_open(str(path), "pt") as f:
-        saved = f.metadata() or {}
+        saved = {"compat": "none"} | (f.metadata() or {})  # files written before --compat existed: none
     for key, value in _identity(ctx).items():
         if saved.get(key) != value:
             raise UserError(f"{path} was saved with {key} {saved.get(key)}, but this run has {value}: "
@@ -510,7 +510,7 @@ def _evaluate_captions(ctx: RunContext, plan: Plan, parts=PARTS, extras: bool = 
 
 
 def _retrieval(ctx: RunContext, plan: Plan, parts: tuple[str, ...]) -> tuple[dict, list]:
-    from datasets.registry import class_prompts
+    from methods.heads import class_text_embeddings
     from utils.metrics import compute_metrics, retrieval_summary
 
     metrics, rows = {}, []
@@ -523,7 +523,7 @@ def _retrieval(ctx: RunContext, plan: Plan, parts: tuple[str, ...]) -> tuple[dic
         similarity = (images @ texts.t()).numpy()
         metrics[part] = retrieval_summary(similarity)
         if ctx.split.classes and int(labels.min()) >= 0:
-            prompts = plan.model.embed_texts(class_prompts(ctx.config.dataset, list(ctx.split.classes)))
+            prompts = class_text_embeddings(ctx)  # the dataset's class prompts, as zero-shot runs embed them
             zeroshot = compute_metrics((images @ prompts.t()).softmax(dim=1).numpy(), labels.numpy(),
                                        ctx.split.classes)
             metrics[part].update({f"zeroshot_{k}": zeroshot[k] for k in ("accuracy", "balanced_accuracy")})
