@@ -41,6 +41,11 @@ def keep_mask(x: Tensor, rate: float) -> tuple[Tensor, float]:
     otherwise.
     """
     keep = keep_probability(rate)
+    if torch.compiler.is_compiling():
+        # inside torch.compile: one uniform draw per entry, which the compiler generates inside the kernels
+        # that use the mask (the in-place draw of random words below would split the graph at every layer).
+        # The keep probability is the same; the masks are other draws than eager mode's
+        return (torch.rand_like(x) < keep).to(x.dtype), keep
     levels = 256 if (keep * 256).is_integer() else GRID
     threshold = round(keep * levels) - levels // 2
     lanes = _lanes_like(x, torch.int8 if levels == 256 else torch.int16)
@@ -56,7 +61,9 @@ def low_rank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b
     compute ``(grad.T @ h).T``, several times slower. The update is added in place (``addmm_``) to
     the dense result, which no backward needs, so no extra output-sized tensor is written.
     """
-    flat = x.reshape(-1, x.shape[-1])
+    # under autocast the input is cast once, for both matmuls: the mask and the dropped input it saves are
+    # then in the lower precision too
+    flat = x.reshape(-1, x.shape[-1]).to(_compute_dtype(x))
     out = F.linear(flat, weight, bias)
     factor = 1.0
     if dropout_rate > 0:  # inverted dropout; its 1 / keep joins the scalar scale
@@ -236,7 +243,8 @@ def _layout(x: Tensor) -> type[_Batched] | type[_Rows] | None:
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype a convolution of ``x`` runs in: autocast's lower precision for float32 inputs under autocast."""
+    """The dtype a matmul or convolution of ``x`` runs in: autocast's lower precision for float32 inputs under
+    autocast."""
     device = x.device.type
     if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
@@ -244,9 +252,16 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _fast_path(conv: nn.Conv2d, x: Tensor) -> bool:
-    """Whether the fused function computes exactly what ``conv(x)`` computes (a plain stride-1 unpadded 1x1)."""
-    return (type(conv).forward is nn.Conv2d.forward and conv.stride == (1, 1) and conv.padding in ((0, 0), "valid")
-            and x.dim() == 4 and _layout(x) is not None)
+    """Whether to run the fused function, which computes exactly what ``conv(x)`` computes (a plain stride-1
+    unpadded 1x1), on this input.
+
+    Only on CPU and in eager mode: it saves oneDNN's NCHW layout reorders there. On a GPU, cuDNN runs
+    1x1 convolutions faster than these channel matmuls, and under torch.compile the compiler fuses the
+    plain path's elementwise work itself.
+    """
+    return (x.device.type == "cpu" and not torch.compiler.is_compiling() and type(conv).forward is nn.Conv2d.forward
+            and conv.stride == (1, 1) and conv.padding in ((0, 0), "valid") and x.dim() == 4
+            and _layout(x) is not None)
 
 
 def pointwise_lora(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor | None,
@@ -259,6 +274,7 @@ def pointwise_lora(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | No
     """
     if _fast_path(conv, x):
         return _PointwiseLoRA.apply(x, weight, bias, a, b, scale, rate)
+    x = x.to(_compute_dtype(x))  # cast once under autocast, as in low_rank_linear
     out = conv(x)
     if a is None:
         return out

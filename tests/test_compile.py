@@ -61,15 +61,19 @@ Y = torch.tensor([0, 1, 2, 0, 1])  # batches of 2: an epoch is 2, 2 and a partia
 
 
 @functools.cache
-def _lora_classifier() -> nn.Module:
-    """The tiny CLIP (64 px, 2 vision blocks) with LoRA on q and v (dropout on) and a linear head."""
+def _lora_classifier(dropout: float = 0.0) -> nn.Module:
+    """The tiny CLIP (64 px, 2 vision blocks) with LoRA on q and v and a linear head.
+
+    Dropout off by default: compiled code draws LoRA's dropout masks inside its kernels, other draws
+    than eager mode's, so only dropout-free steps can be compared number for number.
+    """
     from lora import apply_lora
     from methods.heads import ImageClassifier
     from models import load_model
 
     spec = load_model("tiny_clip")
     torch.manual_seed(0)
-    apply_lora(spec.model, params=("q", "v"), r=2, alpha=1.0, dropout_rate=0.25)
+    apply_lora(spec.model, params=("q", "v"), r=2, alpha=1.0, dropout_rate=dropout)
     model = ImageClassifier(spec, nn.Linear(spec.feature_dim, 3))
     model.head.requires_grad_(True)
     return model
@@ -81,10 +85,11 @@ def _batches(start):
         yield X[ids], Y[ids]
 
 
-def _train(compile: bool, total: int, run_dir=None, resume: bool = False) -> tuple[nn.Module, list[float]]:
+def _train(compile: bool, total: int, run_dir=None, resume: bool = False, dropout: float = 0.0
+           ) -> tuple[nn.Module, list[float]]:
     """A fresh copy of the model trained to step `total` (from the run's checkpoint with `resume`); the
     loss of every step run."""
-    model = copy.deepcopy(_lora_classifier())
+    model = copy.deepcopy(_lora_classifier(dropout))
     settings = TrainSettings(lr=1e-2, weight_decay=1e-2, warmup_steps=1, total_steps=total, min_lr=1e-6, seed=1,
                              device=torch.device("cpu"), precision="fp32", checkpoint_every=1, log_every=1,
                              compile=compile)
@@ -121,6 +126,29 @@ def test_compiled_lora_steps_equal_eager_ones_and_checkpoints_keep_plain_keys(tm
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-4, msg=name)
     assert not any("_orig_mod" in k for k in resumed.state_dict())
+
+
+def test_compiled_lora_dropout_is_one_graph_keeps_its_probability_and_resumes_exactly(tmp_path):
+    needs_compiler()
+    from lora.lowrank import keep_mask
+
+    # the in-place draw of eager mode's masks would split the graph at every adapted layer
+    explained = torch._dynamo.explain(_lora_classifier(0.25))(X[:2])
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    x = torch.ones(64, 16, 32, 32).to(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    mask, keep = torch.compile(lambda t: keep_mask(t, 0.25), dynamic=False)(x)
+    assert keep == 0.75 and mask.dtype == x.dtype and mask.is_contiguous(memory_format=torch.channels_last)
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    assert abs(mask.mean().item() - 0.75) < 0.005  # 1M draws: the standard error is 0.0004
+    # the compiled masks come from the global generator, which checkpoints restore: a resumed compiled run
+    # draws what an uninterrupted one draws
+    _, straight = _train(True, 3, tmp_path / "straight", dropout=0.25)
+    _, first = _train(True, 2, tmp_path / "split", dropout=0.25)
+    _, resumed = _train(True, 3, tmp_path / "split", resume=True, dropout=0.25)
+    assert first + resumed[1:] == straight
+    _, eager = _train(False, 3, dropout=0.25)
+    assert eager[1:] != straight[1:]  # dropout did act (the first step's B = 0 hides it): other masks than eager
 
 
 # -- a missing toolchain ---------------------------------------------------------------------------------

@@ -408,6 +408,30 @@ def test_pointwise_path_under_autocast_runs_in_the_convolution_precision():
     assert x.grad.dtype == torch.float32 and layer.lora_A.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("layer", ["linear", "strided_conv"])
+def test_under_autocast_the_adapter_saves_its_input_and_mask_in_the_lower_precision(layer):
+    """The float32 input is cast once, before dropout: no float32 copy of it (or its mask) waits for backward."""
+    from lora.lowrank import low_rank_linear, pointwise_lora
+
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 16, requires_grad=True), torch.randn(24, 2, requires_grad=True)
+    if layer == "linear":
+        x = torch.randn(3, 5, 16, requires_grad=True)
+        run = lambda: low_rank_linear(x, torch.randn(24, 16), None, a, b.t().contiguous(), 0.5, 0.25)  # noqa: E731
+    else:  # a strided 1x1 convolution: the convolution path that GPUs and compiled code also take
+        conv = nn.Conv2d(16, 24, 1, stride=2).requires_grad_(False)
+        x = torch.randn(2, 16, 6, 6, requires_grad=True)
+        run = lambda: pointwise_lora(conv, x, conv.weight, conv.bias, a, b, 0.5, 0.25)  # noqa: E731
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run()
+    activations = [t for t in saved if t.numel() >= x.numel() // 4]  # the input, its mask, the dropped input
+    assert len(activations) >= 2 and {t.dtype for t in activations} == {torch.bfloat16}
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and a.grad is not None and b.grad is not None
+
+
 @pytest.mark.parametrize(("rate", "lane_bits"), [(0.25, 8), (0.5, 8), (0.1, 16), (0.3, 16)])
 def test_dropout_masks_keep_the_drawn_probability(rate, lane_bits):
     from lora.lowrank import keep_mask, keep_probability

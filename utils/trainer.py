@@ -371,9 +371,7 @@ class Trainer:
         and load, stays the plain module (a compiled wrapper's state_dict keys would gain `_orig_mod.`).
 
         Shapes are static (dynamic=False): a run has few batch sizes (the full batch, an epoch's last partial
-        one, their slices under torchrun), each compiled once; with automatic dynamic shapes torch 2.14's
-        compiled LoRA dropout (a dtype view of random words, eager between graphs) fails on the first
-        partial batch ("setStorage: ... out of bounds")."""
+        one, their slices under torchrun), each compiled once into a graph specialised to it."""
         module = torch.compile(self.module, dynamic=False) if self.s.compile else self.module
         if not dist.active():
             return module
