@@ -19,7 +19,24 @@ CONTEXT = 16
 VOCAB = 100
 
 
-@functools.cache
+def _cached_model(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """``build`` run once, in float32 whatever the default dtype of the test that asks first (a float64
+    test would otherwise hand every later test of its process a float64 model)."""
+
+    @functools.cache
+    @functools.wraps(build)
+    def cached() -> nn.Module:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            return build()
+        finally:
+            torch.set_default_dtype(previous)
+
+    return cached
+
+
+@_cached_model
 def open_clip_model() -> nn.Module:
     """open_clip CLIP: nn.MultiheadAttention towers, 6 vision blocks, 3 text blocks."""
     import open_clip
@@ -30,7 +47,7 @@ def open_clip_model() -> nn.Module:
     return open_clip.model.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text).eval()
 
 
-@functools.cache
+@_cached_model
 def custom_text_clip() -> nn.Module:
     """open_clip CustomTextCLIP: a timm ViT image tower (fused qkv) and a ``text`` tower (MHA)."""
     import open_clip
@@ -42,7 +59,7 @@ def custom_text_clip() -> nn.Module:
     return open_clip.CustomTextCLIP(embed_dim=32, vision_cfg=vision, text_cfg=text).eval()
 
 
-@functools.cache
+@_cached_model
 def timm_vit() -> nn.Module:
     """timm test_vit: fused qkv Linear, 6 blocks."""
     import timm
@@ -51,7 +68,7 @@ def timm_vit() -> nn.Module:
     return timm.create_model("test_vit", img_size=IMAGE, pretrained=False, num_classes=0).eval()
 
 
-@functools.cache
+@_cached_model
 def hf_vit() -> nn.Module:
     """transformers ViTModel: q_proj/k_proj/v_proj/o_proj, 3 blocks."""
     from transformers import ViTConfig, ViTModel
@@ -62,7 +79,7 @@ def hf_vit() -> nn.Module:
     return ViTModel(config, add_pooling_layer=False).eval()
 
 
-@functools.cache
+@_cached_model
 def hf_clip() -> nn.Module:
     """transformers CLIPModel: q_proj/k_proj/v_proj/out_proj in both towers, 3 blocks each."""
     from transformers import CLIPConfig, CLIPModel
@@ -74,7 +91,7 @@ def hf_clip() -> nn.Module:
     return CLIPModel(config).eval()
 
 
-@functools.cache
+@_cached_model
 def hf_bert() -> nn.Module:
     """transformers BertModel: query/key/value with the output projection at attention.output.dense."""
     from transformers import BertConfig, BertModel
@@ -85,7 +102,7 @@ def hf_bert() -> nn.Module:
     return BertModel(config, add_pooling_layer=False).eval()
 
 
-@functools.cache
+@_cached_model
 def efficientnet() -> nn.Module:
     """timm tf_efficientnet_lite0, random init: 1x1 convolutions, no attention."""
     import timm
@@ -94,7 +111,7 @@ def efficientnet() -> nn.Module:
     return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0).eval()
 
 
-@functools.cache
+@_cached_model
 def mobilevit() -> nn.Module:
     """timm mobilevit_xxs: 1x1 convolutions and transformer blocks (fused qkv) in one model."""
     import timm
