@@ -1,9 +1,10 @@
 """The low-rank products of LoRA: ``s * B(A(dropout(x)))`` added to a frozen layer's output.
 
-``B @ A`` is never formed. Dropout masks come from 16-bit lanes of 64-bit random words, several times
-cheaper on CPU than one float draw per entry. Pointwise convolutions run their low-rank path as channel
-matmuls on the convolution's own memory layout, added in place to its output, with a hand-written
-backward that keeps no full-size tensor beyond the dropped input and its mask.
+``B @ A`` is never formed. Dropout masks come from 8- or 16-bit lanes of 64-bit random words, several
+times cheaper on CPU than one float draw per entry; backward keeps those lanes (a byte per entry at the
+usual rates), not a mask in the input's dtype. On CPU, pointwise convolutions run their low-rank path
+as channel matmuls on the convolution's own memory layout, added in place to its output, with a
+hand-written backward that keeps no full-size tensor beyond the dropped input and its mask.
 """
 
 from __future__ import annotations
@@ -32,24 +33,59 @@ def _lanes_like(x: Tensor, dtype: torch.dtype) -> Tensor:
     return flat.view(x.shape)
 
 
+def _lanes(x: Tensor, rate: float) -> tuple[Tensor, int, float]:
+    """Random lanes laid out like ``x``, the threshold under which a lane keeps its entry, and the keep
+    probability: 8-bit lanes where that probability is a multiple of 1/256 (rates 0.25, 0.5, 0.125...),
+    16-bit lanes otherwise."""
+    keep = keep_probability(rate)
+    levels = 256 if (keep * 256).is_integer() else GRID
+    threshold = round(keep * levels) - levels // 2
+    return _lanes_like(x, torch.int8 if levels == 256 else torch.int16), threshold, keep
+
+
 def keep_mask(x: Tensor, rate: float) -> tuple[Tensor, float]:
     """A 0/1 mask in ``x``'s dtype and layout keeping each entry with probability ``keep_probability(rate)``.
 
     Returns the mask and that probability; inverted dropout divides by it, so ``x * mask / keep`` has
-    expectation ``x`` exactly. Each decision compares one 8-bit lane of a random 64-bit word with a
-    threshold where the probability is a multiple of 1/256 (rates 0.25, 0.5, 0.125...), a 16-bit lane
-    otherwise.
+    expectation ``x`` exactly. Each decision compares one lane of a random 64-bit word with a threshold
+    (see ``_lanes``).
     """
-    keep = keep_probability(rate)
     if torch.compiler.is_compiling():
         # inside torch.compile: one uniform draw per entry, which the compiler generates inside the kernels
         # that use the mask (the in-place draw of random words below would split the graph at every layer).
         # The keep probability is the same; the masks are other draws than eager mode's
+        keep = keep_probability(rate)
         return (torch.rand_like(x) < keep).to(x.dtype), keep
-    levels = 256 if (keep * 256).is_integer() else GRID
-    threshold = round(keep * levels) - levels // 2
-    lanes = _lanes_like(x, torch.int8 if levels == 256 else torch.int16)
+    lanes, threshold, keep = _lanes(x, rate)
     return torch.lt(lanes, threshold, out=torch.empty_like(x)), keep
+
+
+class _Dropped(torch.autograd.Function):
+    """``x * keep_mask(x, rate)``, saving for backward the random lanes (one byte per entry at the usual
+    rates, two otherwise) rather than a mask in ``x``'s dtype; backward compares them again."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, rate: float) -> Tensor:
+        lanes, threshold, _ = _lanes(x, rate)
+        ctx.save_for_backward(lanes)
+        ctx.threshold = threshold
+        return torch.lt(lanes, threshold, out=torch.empty_like(x)).mul_(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (lanes,) = ctx.saved_tensors
+        return torch.lt(lanes, ctx.threshold, out=torch.empty_like(grad)).mul_(grad), None
+
+
+def dropped(x: Tensor, rate: float) -> tuple[Tensor, float]:
+    """``x`` times a fresh ``keep_mask`` (without inverted dropout's 1 / keep) and the keep probability.
+
+    The same draws as ``keep_mask``; what backward keeps is the lanes, not the mask.
+    """
+    if torch.compiler.is_compiling():  # the compiler chooses what to keep
+        mask, keep = keep_mask(x, rate)
+        return x * mask, keep
+    return _Dropped.apply(x, rate), keep_probability(rate)
 
 
 def low_rank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, bt: Tensor, scale: float,
@@ -67,8 +103,7 @@ def low_rank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b
     out = F.linear(flat, weight, bias)
     factor = 1.0
     if dropout_rate > 0:  # inverted dropout; its 1 / keep joins the scalar scale
-        mask, keep = keep_mask(flat, dropout_rate)
-        flat = flat * mask
+        flat, keep = dropped(flat, dropout_rate)
         factor = 1.0 / keep
     h = F.linear(flat, a)
     out.addmm_(h.to(out.dtype), bt.to(out.dtype), alpha=scale * factor)
@@ -280,8 +315,7 @@ def pointwise_lora(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | No
         return out
     factor = 1.0
     if rate > 0:
-        mask, keep = keep_mask(x, rate)
-        x = x * mask
+        x, keep = dropped(x, rate)
         factor = 1.0 / keep
     padding = conv.padding if conv.padding_mode == "zeros" else 0
     h = F.conv2d(x.to(out.dtype), a.to(out.dtype).view(*a.shape, 1, 1), stride=conv.stride, padding=padding)

@@ -408,9 +408,11 @@ def test_pointwise_path_under_autocast_runs_in_the_convolution_precision():
     assert x.grad.dtype == torch.float32 and layer.lora_A.grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("layer", ["linear", "strided_conv"])
-def test_under_autocast_the_adapter_saves_its_input_and_mask_in_the_lower_precision(layer):
-    """The float32 input is cast once, before dropout: no float32 copy of it (or its mask) waits for backward."""
+@pytest.mark.parametrize(("layer", "bytes_per_entry"), [("linear", 3), ("strided_conv", 5)])
+def test_under_autocast_the_adapter_saves_bf16_activations_and_one_byte_of_mask(layer, bytes_per_entry):
+    """The float32 input is cast once, before dropout, and backward keeps the mask's random lanes: per
+    input entry, the dropped input in bf16 (2 bytes) and one byte of lanes, plus, for a convolution, the
+    input it saves itself (2 bytes). A float32 copy or a float mask would add 2 to 4 bytes."""
     from lora.lowrank import low_rank_linear, pointwise_lora
 
     torch.manual_seed(0)
@@ -426,10 +428,26 @@ def test_under_autocast_the_adapter_saves_its_input_and_mask_in_the_lower_precis
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = run()
-    activations = [t for t in saved if t.numel() >= x.numel() // 4]  # the input, its mask, the dropped input
-    assert len(activations) >= 2 and {t.dtype for t in activations} == {torch.bfloat16}
+    activations = [t for t in saved if t.numel() == x.numel()]  # the input, the dropped input, the lanes
+    assert {t.dtype for t in activations} == {torch.bfloat16, torch.int8}
+    assert sum(t.element_size() for t in activations) == bytes_per_entry
     out.float().sum().backward()
     assert x.grad.dtype == torch.float32 and a.grad is not None and b.grad is not None
+
+
+@pytest.mark.parametrize("rate", [0.25, 0.1])
+def test_dropping_keeps_the_lanes_and_matches_the_mask_it_was_drawn_with(rate):
+    from lora.lowrank import dropped, keep_mask
+
+    x = torch.randn(6, 40, requires_grad=True)
+    torch.manual_seed(3)
+    mask, keep = keep_mask(x, rate)
+    torch.manual_seed(3)
+    out, keep_again = dropped(x, rate)
+    assert keep_again == keep and torch.equal(out, x * mask)  # the same draw as keep_mask
+    grad = torch.randn(out.shape)
+    out.backward(grad)
+    assert torch.equal(x.grad, grad * mask)
 
 
 @pytest.mark.parametrize(("rate", "lane_bits"), [(0.25, 8), (0.5, 8), (0.1, 16), (0.3, 16)])
