@@ -7,8 +7,9 @@ Variants (same random-init weights, same input batch, same precision, interleave
   ours        our LoRA + a linear head: forward, backward, AdamW step
   dora        our DoRA + a linear head: forward, backward, AdamW step
   peft        Hugging Face peft LoRA on the same model + head. On an open_clip ViT peft can only target a
-              whole nn.MultiheadAttention (LoRA on all of q, k, v and on out_proj), whatever --params says;
-              on a convolutional model it adapts the same 1x1 convolutions as ours
+              whole nn.MultiheadAttention (LoRA on all of q, k, v and on out_proj), whatever --params says,
+              and it merges the adapters into the weights at every forward, so no dropout is applied there
+              (and no mask kept); on a convolutional model it adapts the same 1x1 convolutions as ours
   peft-dora   peft with use_dora=True on the same targets (not on nn.MultiheadAttention, which peft refuses)
   peft-hf     peft on --params (q_proj/v_proj...) of a Hugging Face CLIP vision tower of the same shape
               (width, depth, heads, patch, image size) + head: the q/v-only peft reference (ViTs only)
