@@ -303,9 +303,10 @@ def pointwise_lora(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | No
                    b: Tensor | None, scale: float, rate: float) -> Tensor:
     """``conv(x) + scale * B(A(dropout(x)))`` for a 1x1 convolution ``conv`` (with ``weight`` and ``bias``).
 
-    ``a`` is (r, in), ``b`` is (out, r); both None: ``conv(x)`` alone. Plain stride-1 unpadded
-    convolutions run as channel matmuls (see ``_PointwiseLoRA``); others run ``conv``'s own forward and
-    two small convolutions mirroring its stride and padding.
+    ``a`` is (r, in), ``b`` is (out, r); both None: ``conv(x)`` alone. On CPU in eager mode, plain
+    stride-1 unpadded convolutions run as channel matmuls (see ``_PointwiseLoRA`` and ``_fast_path``);
+    everything else runs ``conv``'s own forward and two small convolutions mirroring its stride and
+    padding.
     """
     if _fast_path(conv, x):
         return _PointwiseLoRA.apply(x, weight, bias, a, b, scale, rate)
