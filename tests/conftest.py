@@ -94,6 +94,17 @@ def make_hicervix(root: Path, seed: int = 0) -> Path:
     return root
 
 
+@pytest.fixture
+def float64():
+    """Compute in float64 (inputs too): there rounding cannot hide a wrong formula, as deep nets amplify it."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
 @pytest.fixture(scope="session")
 def folder_root(tmp_path_factory) -> Path:
     return make_folder_dataset(tmp_path_factory.mktemp("folder_data"))

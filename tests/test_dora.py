@@ -48,15 +48,6 @@ def perturb(model: nn.Module, seed: int = 0) -> None:
                 p.add_(noise * 0.1)
 
 
-@pytest.fixture
-def float64():
-    """Compute in float64 (inputs too), where rounding cannot hide a wrong formula."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_identity_at_init_and_changes_when_perturbed(case: Case):
     model = case.fresh()

@@ -117,15 +117,6 @@ def test_merge_changes_only_selected_rows_by_rank_at_most_r(case: Case):
             assert 1 <= rank <= R, f"{key} part {j} changed with rank {rank}"
 
 
-@pytest.fixture
-def float64():
-    """Compute in float64 (inputs too): there rounding cannot hide a wrong formula, as deep nets amplify it."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_equals_independent_computation_of_adapted_weights(case: Case, float64):
     """Run the untouched base model with W + s * B @ A computed here by hand from the saved A and B."""
