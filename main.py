@@ -12,7 +12,7 @@ from utils.cli import parse_config, run_cli
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv, default_method="linear", prog="main.py")
-    from utils.engine import run
+    from engine.run import run
 
     return run(config)
 

@@ -13,7 +13,7 @@ from utils.cli import parse_config, run_cli
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv, default_method="lora", prog="main_lora.py")
-    from utils.engine import run
+    from engine.run import run
 
     return run(config)
 

@@ -1,6 +1,6 @@
 """Data-parallel scaling of a LoRA training step: images/s with 1 and N processes, and the efficiency.
 
-Each world size runs the real training loop (utils.trainer.Trainer with DistributedDataParallel,
+Each world size runs the real training loop (engine.trainer.Trainer with DistributedDataParallel,
 per-sample seeded augmentation) on synthetic uint8 images of the model's input size, with the
 same global batch: N processes each take 1/N of it. Efficiency = (images/s at N) / (N x images/s
 at 1), i.e. t1 / (N x tN) for the time t of one global step. gloo on the CPU (one thread per
@@ -39,9 +39,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     from lora import apply_lora
     from methods.heads import ImageClassifier
     from models import load_model
-    from utils import distributed as dist
-    from utils.augment import augment_batch_seeded
-    from utils.trainer import Trainer, TrainSettings, batch_indices
+    from engine import distributed as dist
+    from engine.augment import augment_batch_seeded
+    from engine.trainer import Trainer, TrainSettings, batch_indices
 
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
     with dist.process_group(device.type):

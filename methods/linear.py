@@ -23,7 +23,7 @@ def build(ctx, s: LinearSettings) -> Plan:
             head.bias.zero_()
     if ctx.config.compat == "seed":
         # the original's experiment 1: 50 (warmup) + n_iters epochs under CosineAnnealingLR(T_max=n_iters)
-        # stepped per batch after a 50-step linear warmup (utils.trainer.cosine_annealing_factor)
+        # stepped per batch after a 50-step linear warmup (engine.trainer.cosine_annealing_factor)
         stage = Stage("linear", head, "features", ctx.probe_steps(), ctx.config.lr, schedule="cosine_annealing")
     else:
         stage = Stage("linear", head, "features", ctx.probe_steps(), ctx.config.lr)

@@ -39,7 +39,7 @@ class Stage:
     lr: float
     augment: bool = True  # images only: random resized crop and flip, as the paper trains
     extra_loss: Callable | None = None  # extra_loss(module) -> scalar added to every step's labelled loss
-    # the lr schedule (utils.trainer.SCHEDULES): "warmup_cosine", or "cosine_annealing" (the original code's
+    # the lr schedule (engine.trainer.SCHEDULES): "warmup_cosine", or "cosine_annealing" (the original code's
     # experiment 1 under --compat seed: CosineAnnealingLR(T_max=n_iters) stepped per batch)
     schedule: str = "warmup_cosine"
     # Image-text and other tasks whose loss is not a classification loss: `targets` lists, per train

@@ -46,7 +46,7 @@ def feature_batches(x, y, batch_size: int = 8, kill_at: int | None = None):
 
     import torch
 
-    from utils.trainer import batch_indices
+    from engine.trainer import batch_indices
 
     def gen(start):
         for step, idx in enumerate(batch_indices(len(y), batch_size, 1, start), start=start):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import RandomResizedCrop
 
-from utils.augment import (
+from engine.augment import (
     CROP_RATIO,
     CROP_SCALE,
     CROP_TRIES,

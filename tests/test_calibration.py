@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
-from utils.calibration import brier, calibration_report, fit_temperature, nll, reliability_bins
-from utils.metrics import expected_calibration_error
+from evaluation.calibration import brier, calibration_report, fit_temperature, nll, reliability_bins
+from evaluation.metrics import expected_calibration_error
 
 
 def _sample(n: int, classes: int, temperature: float, seed: int):

@@ -27,8 +27,8 @@ from lora import (
     save_lora,
 )
 from tests.conftest import feature_batches, make_folder_dataset, run_entry
-from utils.images import IndexedBatches
-from utils.trainer import Trainer, TrainingInterrupted, TrainSettings, steps_per_epoch
+from engine.images import IndexedBatches
+from engine.trainer import Trainer, TrainingInterrupted, TrainSettings, steps_per_epoch
 
 LR, MIN_LR = 2e-4, 1e-6
 
@@ -334,8 +334,8 @@ def test_weights_saved_before_compat_existed_load_as_compat_none(tmp_path):
     from safetensors.torch import save_file
 
     from common.errors import UserError
-    from utils.config import RunConfig
-    from utils.engine import WEIGHTS_FILE, _identity, load_weights
+    from engine.config import RunConfig
+    from engine.run import WEIGHTS_FILE, _identity, load_weights
 
     head = nn.Linear(2, 2)
     ctx = SimpleNamespace(config=RunConfig(method="linear"), split=SimpleNamespace(classes=["a", "b"]))

@@ -13,8 +13,8 @@ from torch import nn
 
 from common.errors import UserError
 from utils.cli import parse_config
-from utils.config import fingerprint, run_dir
-from utils.trainer import CompileFailed, Trainer, TrainSettings, batch_indices
+from engine.config import fingerprint, run_dir
+from engine.trainer import CompileFailed, Trainer, TrainSettings, batch_indices
 
 
 @functools.cache
@@ -44,7 +44,7 @@ def test_compile_is_a_runtime_field(folder_root, tmp_path):
 
 def test_engine_passes_compile_to_the_trainer(folder_root, tmp_path):
     from methods.registry import Stage
-    from utils.engine import _train_settings
+    from engine.run import _train_settings
 
     config = parse_config(["--dataset", "folder", "--root_path", str(folder_root), "--model_name", "tiny_clip",
                            "--compile", "True", "--output_dir", str(tmp_path)], "lora")

@@ -4,7 +4,7 @@
 def test_feature_cache_key_depends_on_precision_and_library_versions(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from utils import features, results
+    from engine import features, results
 
     image = tmp_path / "a.png"
     image.write_bytes(b"x")

@@ -131,7 +131,7 @@ def test_methods_without_image_text_training_refuse_caption_data(tmp_path):
 
 # -- --select best_val -------------------------------------------------------------------------
 def _validation(scores, every=1, keep_best=True):
-    from utils import engine
+    from engine import run as engine
 
     plan = SimpleNamespace(model=torch.nn.Linear(1, 1))
     plan.model.weight.requires_grad_(True)
@@ -142,7 +142,7 @@ def _validation(scores, every=1, keep_best=True):
 
 
 def test_best_val_keeps_and_restores_the_state_of_the_best_validation_step(monkeypatch):
-    from utils import engine
+    from engine import run as engine
 
     scores = [0.2, 0.7, 0.5, 0.7, float("nan")]
     validation, plan = _validation(scores)
@@ -161,7 +161,7 @@ def test_best_val_keeps_and_restores_the_state_of_the_best_validation_step(monke
 
 
 def test_validation_state_travels_in_the_checkpoint(tmp_path):
-    from utils.trainer import Trainer, TrainSettings
+    from engine.trainer import Trainer, TrainSettings
 
     settings = TrainSettings(lr=0.1, weight_decay=0, warmup_steps=0, total_steps=4, min_lr=0, seed=0,
                              device=torch.device("cpu"), precision="fp32")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from utils.metrics import choose_thresholds, compute_metrics, multilabel_metrics, retrieval_metrics
+from evaluation.metrics import choose_thresholds, compute_metrics, multilabel_metrics, retrieval_metrics
 
 CLASSES = ["a", "b", "c"]
 Y = np.array([0, 0, 0, 1, 1, 2])
@@ -137,7 +137,7 @@ def test_retrieval_metrics_by_hand():
 
 
 def test_hierarchical_metrics_map_predictions_up_the_tree():
-    from utils.metrics import hierarchical_metrics
+    from evaluation.metrics import hierarchical_metrics
 
     tree = {"a1": ("A", "a"), "a2": ("A", "a"), "b1": ("A", "b"), "c1": ("C", "c")}
     classes = ["a1", "a2", "b1", "c1"]

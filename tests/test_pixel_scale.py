@@ -3,8 +3,8 @@
 A public CLIP fine-tuning on cytology captions divided pixels by 255 and then let the CLIP processor
 rescale them again, so the image tower saw inputs with a spread of about 0.003 instead of about 1.
 For every model of the registry with a text tower, real Herlev cells (the first image of each class)
-go through the toolkit's evaluation preprocessing: ``utils.images`` decoding to uint8 at the model's
-input size, then ``utils.augment.normalise`` with the model's mean and std, as ``utils.engine.predict``
+go through the toolkit's evaluation preprocessing: ``engine.images`` decoding to uint8 at the model's
+input size, then ``engine.augment.normalise`` with the model's mean and std, as ``engine.run.predict``
 does; and ``ModelSpec.eval_transform`` on the same files. The normalised input must have a per-channel
 standard deviation of order 1.
 
@@ -25,8 +25,8 @@ import torch
 from datasets import load_image
 from models import ModelError, load_model, openclip_models
 from models.registry import entries
-from utils.augment import normalise
-from utils.images import decode_resized
+from engine.augment import normalise
+from engine.images import decode_resized
 
 REPO = Path(__file__).resolve().parents[1]
 HERLEV = REPO.parent / "shared" / "data" / "herlev"

@@ -83,7 +83,7 @@ def test_a_csv_of_paths_relative_to_it_gives_the_same_predictions(runs, data, tm
 
 
 def test_predict_paths_is_the_python_api(runs, data):
-    from utils.engine import open_run
+    from utils.cli import open_run
 
     ctx, plan = open_run(runs["linear"], ["--device", "cpu"])
     probs = predict.predict_paths(ctx, plan, [str(data / "test" / "red_0.png"), str(data / "test" / "blue_2.png")])
@@ -137,7 +137,7 @@ def test_predict_command_line_mistake_exits_2_without_traceback(tmp_path):
 
 
 def _reference_logits(run: Path, x: torch.Tensor) -> torch.Tensor:
-    from utils.engine import open_run
+    from utils.cli import open_run
 
     ctx, plan = open_run(run, ["--device", "cpu"])
     with torch.no_grad():
@@ -163,7 +163,7 @@ def test_exported_model_gives_the_runs_logits(runs, tmp_path, capsys, method):
 
 def test_merging_mattered_for_the_lora_run(runs):
     """The trained adapters are far from zero, so an export that dropped them would fail the logits test."""
-    from utils.engine import open_run
+    from utils.cli import open_run
 
     ctx, plan = open_run(runs["lora"], ["--device", "cpu"])
     from lora import lora_disabled

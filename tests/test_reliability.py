@@ -191,7 +191,7 @@ def test_every_bad_image_is_listed_before_the_model_is_built(tmp_path):
 
 def test_checked_images_are_remembered(tmp_path, monkeypatch):
     import datasets
-    from utils import images
+    from engine import images
 
     root = make_folder_dataset(tmp_path / "data", {"train": 2})
     paths = sorted(str(p) for p in root.rglob("*.png"))

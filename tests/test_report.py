@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from utils import stats
-from utils.config import RunConfig, run_dir
-from utils.engine import method_settings_of
+from evaluation import stats
+from engine.config import RunConfig, run_dir
+from engine.run import method_settings_of
 from utils.report import ReportError, build_report
 
 REPO = Path(__file__).resolve().parents[1]

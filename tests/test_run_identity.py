@@ -4,7 +4,7 @@ import pytest
 
 from common.errors import UserError
 from utils.cli import parse_config
-from utils.config import run_dir
+from engine.config import run_dir
 
 BASE = ["--method", "lora", "--dataset", "folder", "--model_name", "tiny_clip", "--shots", "4"]
 

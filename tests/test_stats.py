@@ -8,8 +8,8 @@ use 500 bootstrap resamples per experiment (10,000 by default) to stay fast.
 import numpy as np
 import pytest
 
-from utils.metrics import balanced_accuracy_rows, compute_metrics
-from utils.stats import paired_bootstrap, t_interval, two_level_paired_bootstrap
+from evaluation.metrics import balanced_accuracy_rows, compute_metrics
+from evaluation.stats import paired_bootstrap, t_interval, two_level_paired_bootstrap
 
 DELTA = 0.1
 N_EXPERIMENTS = 1000

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from utils.cli import parse_config
-from utils.tracking import identity, start_tracking
+from engine.tracking import identity, start_tracking
 
 
 def test_seeds_of_one_setting_share_a_group_and_differ_in_name():

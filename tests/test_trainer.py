@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tests.conftest import feature_batches
-from utils.trainer import (
+from engine.trainer import (
     Trainer,
     TrainingDiverged,
     TrainingInterrupted,

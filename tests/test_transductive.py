@@ -6,8 +6,8 @@ import torch
 from methods import get_method
 from methods.transductive import proportion_penalty
 from tests.test_methods import feature_ctx
-from utils.engine import train
-from utils.tracking import Tracker
+from engine.run import train
+from engine.tracking import Tracker
 
 
 def test_penalty_is_zero_with_margin_one_and_at_the_prior():

@@ -1,6 +1,5 @@
-"""The engine and the tools around it: configuration, command line, run sequence, trainer,
-evaluation, metrics, results, sweeps and reports.
+"""Floor 6, the applications: command line, sweeps, estimates, reports, prediction and export.
 
-Nothing is imported here so that ``import utils.config`` stays fast; import the modules
-you need (``utils.engine``, ``utils.report``) where they are needed.
+They call the engine (``engine/``); nothing below imports them. Nothing is imported here so that
+``python -m utils.report`` stays fast.
 """

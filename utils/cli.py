@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from common.errors import UserError, exit_status
-from utils.config import DEFAULT_MODEL, SYNTHETIC_MODEL, RunConfig
+from engine.config import DEFAULT_MODEL, SYNTHETIC_MODEL, RunConfig
 from utils.presets import PRESETS
 
 DEFAULTS = RunConfig()
@@ -222,7 +222,7 @@ def parse_config(argv: Sequence[str] | None, default_method: str = "lora", prog:
 
 def _saved_settings(given: dict) -> dict:
     """The recorded settings of a finished run: --from RESULTS_JSON, or --eval_only --run RUN_FOLDER."""
-    from utils import results as res
+    from engine import results as res
 
     source = given.get("from_results")
     if source is None and given.get("eval_only") and given.get("run"):
@@ -337,7 +337,7 @@ def _validate(config: RunConfig) -> None:
 
 def run_cli(main: Callable[[], int]) -> int:
     """Run an entry point: user mistakes become one line on stderr and exit status 2."""
-    from utils.trainer import TrainingInterrupted
+    from engine.trainer import TrainingInterrupted
 
     try:
         return exit_status(main)
@@ -348,3 +348,14 @@ def run_cli(main: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def open_run(folder, args=()):
+    """A finished run's context and classifier with its trained weights loaded, in eval mode.
+
+    Settings come from the run's results.json; `args` override what may change on this machine
+    (e.g. ``["--root_path", "/data", "--device", "cpu"]``).
+    """
+    from engine.run import load_run
+
+    return load_run(parse_config(["--eval_only", "--run", str(folder), *args], prog="open_run"))

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from utils.config import RunConfig, model_label, run_dir
+from engine.config import RunConfig, model_label, run_dir
 
 PARTS = ("train", "val", "test")
 
@@ -100,8 +100,8 @@ class StageSteps:
 
 
 def _stage_steps(config: RunConfig, n_train: int, name: str, inputs: str, steps: int) -> StageSteps:
-    """Split `steps` into full and partial batches the way utils.trainer.batch_indices draws them."""
-    from utils.trainer import steps_per_epoch
+    """Split `steps` into full and partial batches the way engine.trainer.batch_indices draws them."""
+    from engine.trainer import steps_per_epoch
 
     b = config.batch_size
     rest = n_train % b
@@ -115,7 +115,7 @@ def run_stages(config: RunConfig, split, shape: Shape) -> list[StageSteps]:
     """The training stages of one run, with the engine's own step budgets for its split."""
     import torch
 
-    from utils.engine import RunContext
+    from engine.run import RunContext
 
     # A context without a model: the budgets read only the settings and the split.
     ctx = RunContext(config=config, out=run_dir(config), split=split, spec=None, device=torch.device("cpu"),
@@ -168,14 +168,14 @@ def _short(exc: BaseException, limit: int = 160) -> str:
 def _context(config: RunConfig, split):
     """The run's context with its model loaded and synthetic frozen features, plus the build seconds.
 
-    Mirrors utils.engine.prepare_context without its checks (every image decodes, the run is not
+    Mirrors engine.run.prepare_context without its checks (every image decodes, the run is not
     finished), which an estimate must not pay for or stop at.
     """
     import torch
 
     from common.seeding import seed_everything
     from models import load_model
-    from utils.engine import RunContext, resolve_device, resolve_precision
+    from engine.run import RunContext, resolve_device, resolve_precision
 
     seed_everything(config.seed)
     device = resolve_device(config.device)
@@ -215,9 +215,9 @@ def _synthetic_batches(ctx, stage, batch: int, times: list[float]):
 
 
 def _prepare(ctx, stage):
-    """How the engine turns a stage's batches into model inputs (as utils.engine._batches, which cannot be
+    """How the engine turns a stage's batches into model inputs (as engine.run._batches, which cannot be
     called here: it decodes the whole train set)."""
-    from utils.augment import augment_batch_seeded, normalise
+    from engine.augment import augment_batch_seeded, normalise
 
     if stage.inputs == "features":
         return lambda x, seeds: x
@@ -230,7 +230,7 @@ def _prepare(ctx, stage):
 def time_step(ctx, stage, batch: int) -> float:
     """Seconds of one optimisation step of `stage` on `batch` inputs, after one warm-up step, run by
     the engine's trainer (forward, loss, backward, optimiser and schedule)."""
-    from utils.trainer import Trainer, TrainSettings
+    from engine.trainer import Trainer, TrainSettings
 
     c = ctx.config
     settings = TrainSettings(lr=stage.lr, weight_decay=c.weight_decay, warmup_steps=c.warmup_steps, total_steps=2,
@@ -246,8 +246,8 @@ def time_forward(ctx, batch: int) -> float:
     """Seconds per image of a frozen forward pass (feature extraction, evaluation), after a warm-up."""
     import torch
 
-    from utils.augment import normalise
-    from utils.trainer import autocast
+    from engine.augment import normalise
+    from engine.trainer import autocast
 
     size = ctx.spec.input_size
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=ctx.device)
@@ -271,7 +271,7 @@ def measure(config: RunConfig, split, batches: dict[str, set[int]], startups: di
     architecture computes at the same speed); a model or method that cannot be built or timed at
     all is reported in the timing, not raised.
     """
-    from utils.trainer import TrainingInterrupted
+    from engine.trainer import TrainingInterrupted
 
     timing = Timing(label=f"{model_label(config)} {config.method}")
     try:
@@ -293,7 +293,7 @@ def measure(config: RunConfig, split, batches: dict[str, set[int]], startups: di
 
 def _load(config: RunConfig, split, timing: Timing):
     """The run's context, from its own weights or, where they cannot be loaded here, random ones."""
-    from utils.engine import resolve_device
+    from engine.run import resolve_device
 
     resolve_device(config.device)  # a device missing here is no reason to try other weights
     try:
@@ -477,7 +477,7 @@ def _paths_key(c: RunConfig, part: str, items: Sequence) -> tuple[str, int]:
 
 def _load_splits(configs: Iterable[RunConfig], notes: list[str]) -> dict[tuple, object]:
     """Each distinct split once (no model), with what the loader said kept as notes."""
-    from utils.engine import load_data
+    from engine.run import load_data
 
     splits: dict[tuple, object] = {}
     for c in configs:

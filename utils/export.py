@@ -91,7 +91,7 @@ def exported_classifier(ctx, plan) -> tuple[nn.Module, bool]:
     """The run's classifier as images -> logits, with any LoRA merged into the backbone (in place).
 
     Returns the module (``ImageClassifier``: ``backbone`` = the model spec's module, ``head``) and
-    whether LoRA layers were merged. `ctx, plan` come from ``utils.engine.open_run``.
+    whether LoRA layers were merged. `ctx, plan` come from ``utils.cli.open_run``.
     """
     from lora import lora_layers, merge_lora
     from methods.heads import ImageClassifier
@@ -203,7 +203,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Check the folders, load the run, merge, write."""
-    from utils.engine import open_run
+    from utils.cli import open_run
     from utils.predict import require_run, run_overrides
 
     folder = require_run(args.run)

@@ -27,7 +27,7 @@ DEFAULT_OUT = "predictions.csv"
 
 def require_run(folder: str | Path) -> Path:
     """A finished run folder (one that holds results.json); UserError saying what to point at otherwise."""
-    from utils.results import RESULTS_FILE
+    from engine.results import RESULTS_FILE
 
     path = Path(folder).expanduser()
     if not path.is_dir():
@@ -87,13 +87,13 @@ def predict_paths(ctx, plan, paths: Sequence[str], batch_size: int | None = None
                   num_workers: int | None = None, desc: str = "predict") -> torch.Tensor:
     """Softmax probabilities (N, C), float32 on the CPU, of the run's classifier on the images at `paths`.
 
-    `ctx, plan` come from ``utils.engine.open_run``. Images are preprocessed as the run evaluated its
+    `ctx, plan` come from ``utils.cli.open_run``. Images are preprocessed as the run evaluated its
     test set (whole image resized bicubic to the input size, normalised), and a feature method's head
     sees float32 features, as in the run.
     """
-    from utils.augment import normalise
-    from utils.images import iterate_batches
-    from utils.trainer import autocast
+    from engine.augment import normalise
+    from engine.images import iterate_batches
+    from engine.trainer import autocast
 
     config, device = ctx.config, ctx.device
     batch_size = batch_size or config.batch_size
@@ -149,9 +149,9 @@ def run_overrides(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Check everything a user can get wrong, then load the run, predict and write the CSV."""
-    from utils.engine import open_run
-    from utils.features import cache_root
-    from utils.images import check_decodable
+    from utils.cli import open_run
+    from engine.features import cache_root
+    from engine.images import check_decodable
 
     folder = require_run(args.run)
     out = Path(args.out).expanduser()

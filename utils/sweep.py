@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import UserError
-from utils.config import RunConfig, run_dir
-from utils.results import RESULTS_FILE, is_finished
+from engine.config import RunConfig, run_dir
+from engine.results import RESULTS_FILE, is_finished
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHOTS = "1 2 4 8 16"

@@ -105,7 +105,7 @@ def upload(files: Sequence[Path], source: Path) -> None:
     """The report's CSV tables (as wandb Tables), plots (as images) and report.md in one wandb run."""
     import csv
 
-    from utils.tracking import start_tracking
+    from engine.tracking import start_tracking
 
     tracker = start_tracking(True, {"report_of": str(source.resolve())}, files[-1].parent, name="report")
     if tracker.run is None:

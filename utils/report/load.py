@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import UserError
-from utils import results as res
-from utils.config import DERIVED_FIELDS, RUNTIME_FIELDS, RunConfig, method_label, model_label
+from engine import results as res
+from engine.config import DERIVED_FIELDS, RUNTIME_FIELDS, RunConfig, method_label, model_label
 
 RESULTS_FILE = res.RESULTS_FILE
 HEADLINE = "headline"  # pseudo-metric: each run's own headline (balanced accuracy, or mean AUROC)

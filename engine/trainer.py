@@ -27,8 +27,8 @@ from tqdm import tqdm
 from common.errors import UserError
 from common.io import atomic_write
 from common.seeding import rng_state, set_rng_state
-from utils import distributed as dist
-from utils.distributed import Shard
+from engine import distributed as dist
+from engine.distributed import Shard
 
 CHECKPOINT_FILE = "checkpoint.pt"
 

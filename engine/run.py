@@ -27,14 +27,14 @@ from common.io import atomic_write
 from common.seeding import seed_everything
 from methods import get_method
 from methods.registry import Plan, Stage, settings_dict
-from utils import distributed as dist
-from utils import images as img
-from utils import results as res
-from utils.augment import augment_batch_seeded, normalise
-from utils.config import RunConfig, fingerprint, model_label, run_dir
-from utils.metrics import compute_metrics, hierarchical_metrics
-from utils.tracking import Tracker, start_tracking
-from utils.trainer import (
+from engine import distributed as dist
+from engine import images as img
+from engine import results as res
+from engine.augment import augment_batch_seeded, normalise
+from engine.config import RunConfig, fingerprint, model_label, run_dir
+from evaluation.metrics import compute_metrics, hierarchical_metrics
+from engine.tracking import Tracker, start_tracking
+from engine.trainer import (
     CHECKPOINT_FILE,
     Trainer,
     TrainSettings,
@@ -112,7 +112,7 @@ class RunContext:
     def features(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen backbone features and labels of one part of the split (cached on disk and here)."""
         if part not in self._features:
-            from utils.features import extract_features
+            from engine.features import extract_features
 
             c = self.config
             self.spec.model.to(self.device).eval()
@@ -178,7 +178,7 @@ def load_data(config: RunConfig):
 
 
 def _cache_dir() -> Path:
-    from utils.features import cache_root
+    from engine.features import cache_root
 
     return cache_root().parent
 
@@ -475,7 +475,7 @@ def _evaluate_single_label(ctx: RunContext, plan: Plan, parts=PARTS, extras: boo
 
 def _evaluate_multilabel(ctx: RunContext, plan: Plan, parts=PARTS, extras: bool = True) -> Evaluation:
     """Sigmoid metrics per label, with F1 also at thresholds chosen on val."""
-    from utils.metrics import choose_thresholds, multilabel_metrics
+    from evaluation.metrics import choose_thresholds, multilabel_metrics
 
     logits = _logits(ctx, plan, parts)
     probs = {part: out.sigmoid().numpy() for part, (out, _) in logits.items()}
@@ -511,7 +511,7 @@ def _evaluate_captions(ctx: RunContext, plan: Plan, parts=PARTS, extras: bool = 
 
 def _retrieval(ctx: RunContext, plan: Plan, parts: tuple[str, ...]) -> tuple[dict, list]:
     from methods.heads import class_text_embeddings
-    from utils.metrics import compute_metrics, retrieval_summary
+    from evaluation.metrics import compute_metrics, retrieval_summary
 
     metrics, rows = {}, []
     for part in parts:
@@ -547,7 +547,7 @@ def _label_tree(ctx: RunContext) -> dict | None:
 
 
 def _calibration(ctx: RunContext, logits: dict) -> dict:
-    from utils.calibration import calibration_report, reliability_bins
+    from evaluation.calibration import calibration_report, reliability_bins
 
     if "val" not in logits or "test" not in logits:
         return {"calibration": {"skipped": "no validation or no test images"}}
@@ -704,16 +704,13 @@ def check_task(method, ctx: RunContext) -> None:
     check(method, ctx.split.task)
 
 
-def open_run(folder: str | Path, args: list[str] | tuple[str, ...] = ()) -> tuple[RunContext, Plan]:
+def load_run(config: RunConfig) -> tuple[RunContext, Plan]:
     """A finished run's context and classifier with its trained weights loaded, in eval mode.
 
-    Settings come from the run's results.json; `args` override what may change on this machine
-    (e.g. ``["--root_path", "/data", "--device", "cpu"]``). Methods that train nothing rebuild
-    their classifier from the run's train features, so the data must be reachable.
+    `config` is the run's own configuration (``--eval_only --run FOLDER``, parsed by the application
+    that asks: ``utils.cli.open_run``). Methods that train nothing rebuild their classifier from the
+    run's train features, so the data must be reachable.
     """
-    from utils.cli import parse_config
-
-    config = parse_config(["--eval_only", "--run", str(folder), *args], prog="open_run")
     method = get_method(config.method)
     ctx = prepare_context(config)
     plan = method.build(ctx, method.resolve(config.method_settings))

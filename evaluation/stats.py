@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 from scipy import stats as scipy_stats
 
-from utils.metrics import balanced_accuracy_rows
+from evaluation.metrics import balanced_accuracy_rows
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ def _mode() -> str:
 def identity(config: dict) -> dict:
     """A readable name, a group that every seed of a setting shares (so that seeds aggregate in the wandb
     UI), and tags, from a run's resolved config."""
-    from utils.config import RunConfig, data_label, method_label, model_label
+    from engine.config import RunConfig, data_label, method_label, model_label
 
     c = RunConfig.from_dict(config)
     dataset = c.dataset_name or c.dataset

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.io import atomic_write, file_identity
-from utils import distributed as dist
-from utils import images as img
-from utils.augment import normalise
-from utils.trainer import collect_batches
+from engine import distributed as dist
+from engine import images as img
+from engine.augment import normalise
+from engine.trainer import collect_batches
 
 
 def cache_root() -> Path:
@@ -27,7 +27,7 @@ def cache_root() -> Path:
 def cache_key(spec, backbone: str | None, samples: Sequence[tuple[str, int]], precision: str = "fp32") -> str:
     """Hash of everything that determines the features of these images, including the precision they
     were computed in and the versions of the libraries that compute them."""
-    from utils.results import package_versions
+    from engine.results import package_versions
 
     versions = package_versions()
     payload = {

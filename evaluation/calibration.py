@@ -12,7 +12,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
-from utils.metrics import ECE_BINS, expected_calibration_error
+from evaluation.metrics import ECE_BINS, expected_calibration_error
 
 # T is searched over [1/50, 50]: a tiny or separable validation set can push the optimum to
 # an extreme, and a bound keeps the fitted T finite instead of running off to 0 or infinity.

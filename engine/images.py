@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from common.io import write_json_atomic
 from common.seeding import seed_worker
-from utils.distributed import quiet_unless_main
+from engine.distributed import quiet_unless_main
 
 # Sets below this many bytes are decoded once and kept in memory for the whole run.
 IN_MEMORY_BYTES = 2 * 1024**3

@@ -1,0 +1,1 @@
+"""Floor 2: metrics, statistics (intervals, bootstrap) and calibration; numbers in, numbers out."""

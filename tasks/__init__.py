@@ -1,0 +1,1 @@
+"""Floor 3: kinds of task as plug-ins."""
