@@ -36,12 +36,12 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(args.threads)
-    from lora import apply_lora
-    from methods.heads import ImageClassifier
-    from models import load_model
     from engine import distributed as dist
     from engine.augment import augment_batch_seeded
     from engine.trainer import Trainer, TrainSettings, batch_indices
+    from lora import apply_lora
+    from methods.heads import ImageClassifier
+    from models import load_model
 
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
     with dist.process_group(device.type):

@@ -25,14 +25,11 @@ from torch import nn
 from common.errors import UserError
 from common.io import atomic_write
 from common.seeding import seed_everything
-from methods import get_method
-from methods.registry import Plan, Stage, settings_dict
 from engine import distributed as dist
 from engine import images as img
 from engine import results as res
 from engine.augment import augment_batch_seeded, normalise
 from engine.config import RunConfig, fingerprint, model_label, run_dir
-from evaluation.metrics import compute_metrics, hierarchical_metrics
 from engine.tracking import Tracker, start_tracking
 from engine.trainer import (
     CHECKPOINT_FILE,
@@ -43,6 +40,9 @@ from engine.trainer import (
     collect_batches,
     steps_per_epoch,
 )
+from evaluation.metrics import compute_metrics, hierarchical_metrics
+from methods import get_method
+from methods.registry import Plan, Stage, settings_dict
 
 WEIGHTS_FILE = "weights.safetensors"
 # the metric runs are compared on (captions: recall@1 averaged over image-to-text and text-to-image)
@@ -510,8 +510,8 @@ def _evaluate_captions(ctx: RunContext, plan: Plan, parts=PARTS, extras: bool = 
 
 
 def _retrieval(ctx: RunContext, plan: Plan, parts: tuple[str, ...]) -> tuple[dict, list]:
-    from methods.heads import class_text_embeddings
     from evaluation.metrics import compute_metrics, retrieval_summary
+    from methods.heads import class_text_embeddings
 
     metrics, rows = {}, []
     for part in parts:

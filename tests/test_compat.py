@@ -15,6 +15,8 @@ from torch import nn
 
 from datasets.sampling import sample
 from datasets.split import load_split
+from engine.images import IndexedBatches
+from engine.trainer import Trainer, TrainingInterrupted, TrainSettings, steps_per_epoch
 from lora import (
     LoRAError,
     LoRASettings,
@@ -27,8 +29,6 @@ from lora import (
     save_lora,
 )
 from tests.conftest import feature_batches, make_folder_dataset, run_entry
-from engine.images import IndexedBatches
-from engine.trainer import Trainer, TrainingInterrupted, TrainSettings, steps_per_epoch
 
 LR, MIN_LR = 2e-4, 1e-6
 

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from common.errors import UserError
-from utils.cli import parse_config
 from engine.config import fingerprint, run_dir
 from engine.trainer import CompileFailed, Trainer, TrainSettings, batch_indices
+from utils.cli import parse_config
 
 
 @functools.cache
@@ -43,8 +43,8 @@ def test_compile_is_a_runtime_field(folder_root, tmp_path):
 
 
 def test_engine_passes_compile_to_the_trainer(folder_root, tmp_path):
-    from methods.registry import Stage
     from engine.run import _train_settings
+    from methods.registry import Stage
 
     config = parse_config(["--dataset", "folder", "--root_path", str(folder_root), "--model_name", "tiny_clip",
                            "--compile", "True", "--output_dir", str(tmp_path)], "lora")

@@ -18,9 +18,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch import nn
 
-from tests.conftest import make_folder_dataset, run_entry
 from engine import distributed as dist
 from engine.trainer import Trainer, TrainingInterrupted, TrainSettings, batch_indices, sample_seeds
+from tests.conftest import make_folder_dataset, run_entry
 
 # --dropout_rate 0: LoRA dropout draws from torch's global RNG per process, so its masks differ
 # between one process and two; everything else is drawn per sample and must agree.

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from engine.config import run_dir
+from engine.run import load_data
 from utils import estimate as est
 from utils import sweep
 from utils.cli import parse_config
-from engine.config import run_dir
-from engine.run import load_data
 
 GRID = ["--methods", "linear lora lp_ft knn", "--datasets", "demo", "--models", "tiny_clip", "--shots", "1 2",
         "--seeds", "1", "--n_iters", "3"]

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 import main
 import main_lora
 from common.errors import UserError
-from methods import get_method, method_names
-from utils.cli import parse_config
 from engine.config import RunConfig
 from engine.run import RunContext
+from methods import get_method, method_names
+from utils.cli import parse_config
 
 TINY = ["--model_name", "tiny_clip", "--device", "cpu", "--num_workers", "0", "--batch_size", "8"]
 ALL = ("linear", "lora", "zeroshot", "simpleshot", "knn", "prototype", "adapter", "bitfit", "full", "lp_ft")

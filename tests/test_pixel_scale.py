@@ -23,10 +23,10 @@ import pytest
 import torch
 
 from datasets import load_image
-from models import ModelError, load_model, openclip_models
-from models.registry import entries
 from engine.augment import normalise
 from engine.images import decode_resized
+from models import ModelError, load_model, openclip_models
+from models.registry import entries
 
 REPO = Path(__file__).resolve().parents[1]
 HERLEV = REPO.parent / "shared" / "data" / "herlev"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from evaluation import stats
 from engine.config import RunConfig, run_dir
 from engine.run import method_settings_of
+from evaluation import stats
 from utils.report import ReportError, build_report
 
 REPO = Path(__file__).resolve().parents[1]

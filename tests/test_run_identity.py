@@ -3,8 +3,8 @@
 import pytest
 
 from common.errors import UserError
-from utils.cli import parse_config
 from engine.config import run_dir
+from utils.cli import parse_config
 
 BASE = ["--method", "lora", "--dataset", "folder", "--model_name", "tiny_clip", "--shots", "4"]
 

@@ -20,9 +20,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from engine.config import RunConfig, run_dir
 from utils import sweep
 from utils.cli import parse_config
-from engine.config import RunConfig, run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch_run.sh"
@@ -556,8 +556,8 @@ def test_folds_finished_folds_are_skipped(tmp_path, two_class_root, capsys):
 
 
 def test_folds_estimate_counts_each_fold_on_its_own_split(tmp_path, two_class_root, capsys, monkeypatch):
-    from utils import estimate as est
     from engine.run import load_data
+    from utils import estimate as est
 
     monkeypatch.setattr(est, "measure", lambda *a, **k: pytest.fail("--step_seconds must time nothing"))
     args = _fold_grid(two_class_root, tmp_path, "--shots", "-1")

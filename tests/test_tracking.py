@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from utils.cli import parse_config
 from engine.tracking import identity, start_tracking
+from utils.cli import parse_config
 
 
 def test_seeds_of_one_setting_share_a_group_and_differ_in_name():

@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import feature_batches
 from engine.trainer import (
     Trainer,
     TrainingDiverged,
@@ -14,6 +13,7 @@ from engine.trainer import (
     batch_indices,
     lr_factor,
 )
+from tests.conftest import feature_batches
 
 
 def test_warmup_then_cosine_to_min_lr():

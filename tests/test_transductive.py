@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from engine.run import train
+from engine.tracking import Tracker
 from methods import get_method
 from methods.transductive import proportion_penalty
 from tests.test_methods import feature_ctx
-from engine.run import train
-from engine.tracking import Tracker
 
 
 def test_penalty_is_zero_with_margin_one_and_at_the_prior():

@@ -174,8 +174,8 @@ def _context(config: RunConfig, split):
     import torch
 
     from common.seeding import seed_everything
-    from models import load_model
     from engine.run import RunContext, resolve_device, resolve_precision
+    from models import load_model
 
     seed_everything(config.seed)
     device = resolve_device(config.device)

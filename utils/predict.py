@@ -149,9 +149,9 @@ def run_overrides(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Check everything a user can get wrong, then load the run, predict and write the CSV."""
-    from utils.cli import open_run
     from engine.features import cache_root
     from engine.images import check_decodable
+    from utils.cli import open_run
 
     folder = require_run(args.run)
     out = Path(args.out).expanduser()

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from engine.config import RunConfig, data_label, method_label, model_label
+from evaluation.stats import Summary, summarize
 from utils.report.load import HEADLINE, RESULTS_FILE, Group, ReportError, _read_one, arm_label
 from utils.report.tables import _arm_rank, _column_label, _column_order, by_dataset, by_slot
-from evaluation.stats import Summary, summarize
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 LINESTYLES = ("-", "--", ":", "-.")

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import RunConfig, method_label, model_label
+from engine.results import PREDICTIONS_FILE
+from evaluation.stats import paired_bootstrap, summarize, two_level_paired_bootstrap
 from utils.report.load import (
     CONTEXT_FIELDS,
     HEADLINE,
@@ -22,8 +24,6 @@ from utils.report.load import (
     _group_order,
     arm_label,
 )
-from engine.results import PREDICTIONS_FILE
-from evaluation.stats import paired_bootstrap, summarize, two_level_paired_bootstrap
 
 METRICS = {"balanced_accuracy": ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece"),
            "macro_auroc": ("macro_auroc", "mAP", "macro_f1", "exact_match"),
