@@ -1,18 +1,23 @@
-"""Adaptation methods as plug-ins: each file in this package registers one method.
+"""Adaptation methods as plug-ins: each module named below registers one method.
 
-Files are discovered, so adding a method is adding one file (plus its test); nothing else
-changes. ``python -m methods list`` shows what is registered.
+Registration is explicit: adding a method is one file in this package, its test, and one line
+here. Shared building blocks (heads, the transductive prior) live in modules that register
+nothing. ``python -m methods list`` shows what is registered.
 """
 
-import importlib
-import pkgutil
-
+from methods import (  # noqa: F401  (each import registers its method)
+    adapter,
+    bitfit,
+    dora,
+    full,
+    knn,
+    linear,
+    lora,
+    lp_ft,
+    prototype,
+    simpleshot,
+    zeroshot,
+)
 from methods.registry import Method, MethodError, Plan, Stage, get_method, method_names, methods, register
-
-_NOT_METHODS = {"registry", "heads", "transductive", "__main__"}
-
-for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    if _info.name not in _NOT_METHODS and not _info.name.startswith("_"):
-        importlib.import_module(f"methods.{_info.name}")
 
 __all__ = ["Method", "MethodError", "Plan", "Stage", "get_method", "method_names", "methods", "register"]
