@@ -9,10 +9,10 @@ from pathlib import Path
 
 from common.errors import exit_status
 from datasets import prepare as prep
-from datasets.assign import DEFAULT_RATIOS
+from datasets.base import DEFAULT_RATIOS, PrepareRequest
 from datasets.images import load_image
 from datasets.layouts import SPLITS
-from datasets.registry import DEFAULT_PROTOCOL, LEVEL_FALLBACKS, dataset_names, get_dataset
+from datasets.registry import dataset_names, dataset_setting_fields, get_dataset
 from datasets.split import load_split
 
 
@@ -21,12 +21,25 @@ def preparable() -> tuple[str, ...]:
     return tuple(n for n in dataset_names() if get_dataset(n).prepare is not None)
 
 
-def levels_help() -> str:
-    return "; ".join(
-        f"{n}: {', '.join(get_dataset(n).levels)} (default {get_dataset(n).default_level})"
-        for n in dataset_names()
-        if get_dataset(n).levels
-    )
+def prepare_description() -> str:
+    """The prepare sub-command's help: the shared rules, then one line per dataset from its preparer."""
+    ratios = "/".join(f"{r:g}" for r in DEFAULT_RATIOS)
+    lines = [prep.__doc__.strip(), "", f"Where a download comes without its own split, each class is split, "
+             f"stratified and seeded, with the default ratios {ratios} percent (--ratios).", "", "Per dataset:"]
+    for name in preparable():
+        info = get_dataset(name)
+        doc = (info.prepare.__doc__ or "").strip().splitlines()
+        lines.append(f"  {name}: {doc[0] if doc else info.how_to_prepare} -> {info.layout}")
+    return "\n".join(lines)
+
+
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per dataset setting (from the registry's settings dataclasses), None meaning its default."""
+    for name, (f, takers) in dataset_setting_fields().items():
+        parser.add_argument(f"--{name}", default=None,
+                            help=f"{f.metadata.get('help', '')} [{', '.join(takers)}]")
+    if "level" not in dataset_setting_fields():
+        parser.add_argument("--level", default=None, help="label level of a dataset with levels")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,16 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", required=True, choices=dataset_names())
     s.add_argument("--shots", type=int, default=16, help="K per class, -1 for all, 0 with --pourcentage")
     s.add_argument("--seed", type=int, default=1)
-    s.add_argument("--level", default=None, help=f"label level ({levels_help()})")
-    s.add_argument(
-        "--level_fallback",
-        default="original",
-        choices=LEVEL_FALLBACKS,
-        help="HiCervix images without a label at --level: original (level_3 takes level_2), none, parent",
-    )
-    s.add_argument(
-        "--protocol", default=DEFAULT_PROTOCOL, help="hicervix: paper, or official (level_3 without AGC/ADC)"
-    )
+    add_setting_flags(s)
     s.add_argument(
         "--label_map", default=None, help="merge classes: new=old1,old2;other=old3 or a JSON file {new: [old...]}"
     )
@@ -68,13 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "prepare",
         help="turn a raw download into the layout the readers expect",
-        description=prep.__doc__,
+        description=prepare_description(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("dataset", choices=preparable())
     p.add_argument("--src", required=True, help="the unpacked raw download (never modified); csv: the manifest CSV")
     p.add_argument("--dst", default=None, help="dataset root to write (not used for hicervix)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/val/test assignment (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the train/val/test assignment where the download has no split (default 0)")
     p.add_argument(
         "--ratios",
         type=float,
@@ -105,8 +110,8 @@ def summary(args: argparse.Namespace) -> dict:
         seed=args.seed,
         level=args.level,
         percentage=args.percentage,
-        level_fallback=args.level_fallback,
-        protocol=args.protocol,
+        level_fallback=getattr(args, "level_fallback", None),
+        protocol=getattr(args, "protocol", None),
         label_map=args.label_map,
     )
     if args.decode:
@@ -128,7 +133,7 @@ def summary(args: argparse.Namespace) -> dict:
 
 def prepare(args: argparse.Namespace) -> dict:
     """Run the preparation of ``args.dataset``."""
-    request = prep.PrepareRequest(
+    request = PrepareRequest(
         src=Path(args.src),
         dst=Path(args.dst) if args.dst else None,
         seed=args.seed,

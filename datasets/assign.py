@@ -8,8 +8,6 @@ from collections import Counter
 from datasets.errors import DatasetError
 from datasets.layouts import SPLITS
 
-DEFAULT_RATIOS = (70.0, 10.0, 20.0)  # train/val/test percentages used by `prepare`
-
 
 def check_ratios(ratios: tuple[float, float, float] | list[float]) -> tuple[float, float, float]:
     """Validate train/val/test percentages: three non-negative numbers summing to 100, train > 0."""

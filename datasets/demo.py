@@ -40,7 +40,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from datasets.base import Listing, ReadRequest
 from datasets.errors import DatasetError
+from datasets.layouts import CLASS_FOLDERS
+from datasets.readers import read_class_folders
+from datasets.registry import CELL_PROMPT, DatasetInfo, register
+from datasets.tables import read_tables, write_tables
 
 CLASSES = ("superficial", "intermediate", "koilocyte", "high_grade")
 SPLIT_SIZES = {"train": 60, "val": 15, "test": 25}  # per class
@@ -104,6 +109,16 @@ def demo_captions_root() -> Path:
     return _generated(cache_root("demo_captions"), write_demo_captions)
 
 
+def read_demo(root: Path | None, request: ReadRequest) -> Listing:
+    """The synthetic demo dataset, generated in its cache folder on first use (``root`` is ignored)."""
+    return read_class_folders(demo_root(), request.dataset, None)
+
+
+def read_demo_captions(root: Path | None, request: ReadRequest) -> Listing:
+    """The synthetic image-caption dataset, generated in its cache folder on first use (``root`` is ignored)."""
+    return read_tables(demo_captions_root(), request.dataset)
+
+
 def _generated(root: Path, write) -> Path:
     """``root``, drawn by ``write(folder)`` in a temporary folder and renamed into place if it is not complete."""
     if (root / MARKER).is_file():
@@ -134,7 +149,7 @@ def _generated(root: Path, write) -> Path:
 
 def write_demo(folder: Path) -> None:
     """Draw the whole demo dataset into ``folder`` (which must exist)."""
-    from PIL import Image
+    from PIL import Image  # drawing only: `import datasets` loads neither PIL nor numpy
 
     for split in SPLIT_SIZES:
         (folder / split).mkdir()
@@ -157,7 +172,7 @@ def _numbered_cells():
 
 def caption_attributes() -> list[tuple[str, str, str]]:
     """Every (size, stain, position) combination, in a fixed shuffled order."""
-    import numpy as np
+    import numpy as np  # drawing only, as above
 
     combos = [(a, b, c) for a in SIZES for b in STAINS for c in POSITIONS]
     order = np.random.default_rng(SEED + 1).permutation(len(combos))
@@ -171,9 +186,7 @@ def caption(cls: str, size: str, stain: str, position: str) -> str:
 
 def write_demo_captions(folder: Path) -> None:
     """Draw the demo_captions dataset into ``folder`` (which must exist): images and the three CSVs."""
-    from PIL import Image
-
-    from datasets.tabular import write_tables
+    from PIL import Image  # drawing only: `import datasets` loads neither PIL nor numpy
 
     combos = caption_attributes()
     first = {"test": 0, "val": SPLIT_SIZES["test"], "train": 0}
@@ -198,7 +211,7 @@ def draw_cell(style: CellStyle, seed: tuple[int, ...], size: int = IMAGE_SIZE, o
     ``offset`` places the cell centre (with a 1.5-pixel jitter; default: anywhere within 5 pixels of
     the middle), ``scale`` multiplies its radii and ``stain`` is added to its cytoplasm colour.
     """
-    import numpy as np
+    import numpy as np  # drawing only, as above
 
     rng = np.random.default_rng(list(seed))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -237,7 +250,7 @@ def draw_cell(style: CellStyle, seed: tuple[int, ...], size: int = IMAGE_SIZE, o
 
 def _polar(dx, dy, angle: float, aspect: float):
     """Radius and angle in a frame turned by ``angle`` and squeezed by ``aspect`` along one axis."""
-    import numpy as np
+    import numpy as np  # drawing only, as above
 
     u = dx * np.cos(angle) + dy * np.sin(angle)
     v = (-dx * np.sin(angle) + dy * np.cos(angle)) / aspect
@@ -246,7 +259,7 @@ def _polar(dx, dy, angle: float, aspect: float):
 
 def _wobble(rng, phi, amplitude: float):
     """A random smooth outline factor around 1 (harmonics 2 to 5 of the angle)."""
-    import numpy as np
+    import numpy as np  # drawing only, as above
 
     out = np.ones_like(phi)
     weights = rng.uniform(0.3, 1.0, size=4)
@@ -261,3 +274,26 @@ def _paint(img, alpha, colour) -> None:
     a = alpha[..., None]
     img *= 1 - a
     img += a * colour
+
+
+register(DatasetInfo(
+    name="demo",
+    synthetic=True,
+    description="synthetic cells drawn on first use (software check only, not medical data)",
+    reader=read_demo,
+    layout=CLASS_FOLDERS,
+    how_to_prepare="delete the folder so that the demo is generated again",
+    needs_root=False,
+))
+register(DatasetInfo(
+    name="demo_captions",
+    synthetic=True,
+    task="captions",
+    description="synthetic cells with captions naming type, size, stain and position (image-text pairs; "
+                "software check only, not medical data)",
+    reader=read_demo_captions,
+    layout="<cache>/demo_captions/{train,val,test}.csv with path, label and caption",
+    prompt_template=CELL_PROMPT,
+    how_to_prepare="delete the folder so that it is generated again",
+    needs_root=False,
+))

@@ -15,8 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from datasets.errors import DatasetError
-
-SOURCES_FILE = "sources.csv"
+from datasets.layouts import SOURCES_FILE
 
 
 def known_groups(root: Path, listed: dict[str, str]) -> dict[str, str]:

@@ -11,24 +11,38 @@ Labels at a level, as the original code (mdausort/Cytology-fine-tuning) reads th
 ``protocol="official"`` is HiCervix's own benchmark: level_3 on 23 classes, leaving out the cells
 whose level-3 label (after the fallback) is AGC, AGC-NOS or ADC. It changes nothing at other levels.
 Images left out are counted in ``Listing.left_out``.
+
+The three options are HiCervix's settings (:class:`HicervixSettings`): ``--level``, ``--level_fallback``
+and ``--protocol``. ``python -m datasets prepare hicervix --src ROOT`` checks a download in place (it
+comes split by its authors) and counts its images per label at each level.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from datasets.base import DEFAULT_PROTOCOL, Listing, PrepareRequest, ReadRequest
 from datasets.errors import DatasetError
 from datasets.layouts import SPLITS
-from datasets.readers import Listing, require_dir, require_file
-from datasets.registry import ReadRequest
+from datasets.prepare import refuse_options, source_dir
+from datasets.readers import require_dir, require_file
+from datasets.registry import CELL_PROMPT, DatasetInfo, register
 
+LEVELS = ("level_1", "level_2", "level_3", "class_name")
+HICERVIX_LEVELS = LEVELS  # the name the package exports
+DEFAULT_LEVEL = "level_3"
+ORIGINAL_FALLBACK = "original"  # the original code's rule, and the default
 FALLBACKS = {
-    "original": {"level_3": "level_2"},
+    ORIGINAL_FALLBACK: {"level_3": "level_2"},
     "parent": {"level_3": "level_2", "level_2": "level_1"},
     "none": {},
 }
+LEVEL_FALLBACKS = tuple(FALLBACKS)
+OFFICIAL_PROTOCOL = "official"
+PROTOCOLS = (DEFAULT_PROTOCOL, OFFICIAL_PROTOCOL)
 REQUIRED = {
     "level_1": ("image_name", "level_1"),
     "level_2": ("image_name", "level_1", "level_2"),
@@ -41,9 +55,33 @@ MISSING_LABELS = frozenset({"", "nan", "none", "null"})
 SHOW_MISSING = 5
 
 
+@dataclass(frozen=True)
+class HicervixSettings:
+    """HiCervix's options: the label level, what an image without a label there takes, and the protocol."""
+
+    level: str = field(default=DEFAULT_LEVEL, metadata={
+        "help": f"label level: {', '.join(LEVELS)} (default {DEFAULT_LEVEL})", "choices": LEVELS})
+    level_fallback: str = field(default=ORIGINAL_FALLBACK, metadata={
+        "help": "images without a label at --level: original (level_3 takes level_2), parent (one level up at "
+                "level_3 and level_2), none", "choices": LEVEL_FALLBACKS})
+    protocol: str = field(default=DEFAULT_PROTOCOL, metadata={
+        "help": "paper, or official (HiCervix's benchmark: level_3 without AGC, AGC-NOS and ADC)",
+        "choices": PROTOCOLS})
+
+    def __post_init__(self) -> None:
+        if self.level not in LEVELS:
+            raise DatasetError(f"unknown hicervix level '{self.level}': choose one of {', '.join(LEVELS)}")
+        if self.level_fallback not in LEVEL_FALLBACKS:
+            raise DatasetError(f"unknown --level_fallback '{self.level_fallback}': "
+                               f"choose one of {', '.join(LEVEL_FALLBACKS)}")
+        if self.protocol not in PROTOCOLS:
+            raise DatasetError(f"unknown --protocol '{self.protocol}' for hicervix: "
+                               f"choose one of {', '.join(PROTOCOLS)}")
+
+
 def read_hicervix(root: Path, request: ReadRequest) -> Listing:
     """Read ``<root>/<split>.csv`` once per split and label each image at ``request.level``."""
-    level, fallback = request.level, request.level_fallback or "original"
+    level, fallback = request.level or DEFAULT_LEVEL, request.level_fallback or ORIGINAL_FALLBACK
     require_dir(root, "hicervix", "dataset root")
     items: dict[str, list[tuple[str, str]]] = {}
     left_out = 0
@@ -116,7 +154,7 @@ def _present(label: str | None) -> str | None:
     return None if label is None or label.lower() in MISSING_LABELS else label
 
 
-def hicervix_label(row: dict[str, str], level: str, fallback: str = "original") -> str | None:
+def hicervix_label(row: dict[str, str], level: str, fallback: str = ORIGINAL_FALLBACK) -> str | None:
     """The label at ``level`` after the ``fallback`` rule; None when there is none."""
     label = _present(row.get(level, ""))
     parent = FALLBACKS[fallback].get(level)
@@ -128,12 +166,12 @@ def hicervix_label(row: dict[str, str], level: str, fallback: str = "original") 
 def protocol_label(row: dict[str, str], level: str, fallback: str, protocol: str) -> str | None:
     """:func:`hicervix_label`, None too for the classes the ``protocol`` leaves out at ``level``."""
     label = hicervix_label(row, level, fallback)
-    if protocol == "official" and level == "level_3" and label in OFFICIAL_EXCLUDED:
+    if protocol == OFFICIAL_PROTOCOL and level == "level_3" and label in OFFICIAL_EXCLUDED:
         return None
     return label
 
 
-def hicervix_tree(root: str | os.PathLike, level_fallback: str = "original") -> dict[str, tuple[str, str]]:
+def hicervix_tree(root: str | os.PathLike, level_fallback: str = ORIGINAL_FALLBACK) -> dict[str, tuple[str, str]]:
     """Each level-3 label (after ``level_fallback``) -> its (level_1, level_2) ancestors, from the three CSVs.
 
     An ancestor missing from the CSV repeats the label below it (a level_2 label used as a
@@ -173,3 +211,65 @@ def hierarchical_distance(tree: dict[str, tuple[str, str]], a: str, b: str) -> i
         level_1, level_2 = tree[label]
         chains.append((label, level_2, level_1))
     return next((up for up in range(3) if chains[0][up] == chains[1][up]), 3)
+
+
+def run_check_hicervix(request: PrepareRequest) -> dict:
+    """Already split by its authors: the download is checked in place (CSV columns, every listed image)."""
+    refuse_options("hicervix", request, needs_dst=False)
+    return check_hicervix(request.src)
+
+
+def check_hicervix(src: Path) -> dict:
+    """Check a HiCervix download in place and count its images per label at each level."""
+    src = source_dir(src)
+    require_dir(src, "hicervix", "dataset root")
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    left_out: dict[str, int] = {}
+    images: dict[str, int] = {}
+    with_names = all(_has_class_name(src, s) for s in SPLITS if (src / f"{s}.csv").is_file())
+    levels = [lv for lv in LEVELS if lv != "class_name" or with_names]
+    columns = ("image_name", "level_1", "level_2", "level_3") + (("class_name",) if with_names else ())
+    for split in SPLITS:
+        rows = read_hicervix_csv(src, split, columns)
+        check_listed_images(src / split, [r["image_name"] for r in rows])
+        images[split] = len(rows)
+        for level in levels:
+            per_class = counts.setdefault(level, {})
+            for row in rows:
+                label = hicervix_label(row, level)
+                if label is None:
+                    left_out[level] = left_out.get(level, 0) + 1
+                else:
+                    per_class.setdefault(label, dict.fromkeys(SPLITS, 0))[split] += 1
+    return {
+        "dataset": "hicervix",
+        "root": str(src),
+        "images": images,
+        "classes": {lv: len(counts.get(lv, {})) for lv in levels},
+        "left_out": {lv: left_out.get(lv, 0) for lv in levels},
+        "counts": {lv: dict(sorted(counts.get(lv, {}).items())) for lv in levels},
+    }
+
+
+def _has_class_name(src: Path, split: str) -> bool:
+    try:
+        with open(src / f"{split}.csv", newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False  # read_hicervix_csv reports the problem with the file
+    return "class_name" in (h.strip() for h in header)
+
+
+register(DatasetInfo(
+    name="hicervix",
+    description="HiCervix cervical cells with a three-level label hierarchy (--level)",
+    reader=read_hicervix,
+    hierarchy=hicervix_tree,
+    layout="<root>/{train,val,test}/*.jpg with <root>/{train,val,test}.csv",
+    levels=LEVELS,
+    default_level=DEFAULT_LEVEL,
+    settings=HicervixSettings,
+    prompt_template=CELL_PROMPT,
+    prepare=run_check_hicervix,
+    how_to_prepare="check a HiCervix download with `python -m datasets prepare hicervix --src ROOT`",
+))

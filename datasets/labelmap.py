@@ -11,8 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from datasets.base import Listing
 from datasets.errors import DatasetError
-from datasets.readers import Listing
 
 LabelMap = dict[str, list[str]]
 INLINE_FORM = 'name=a,b,c;other=d (or a JSON file {"name": ["a", "b", "c"], "other": ["d"]})'

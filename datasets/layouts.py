@@ -1,41 +1,13 @@
-"""Where each dataset lives on disk and which classes it has (the paper's layouts)."""
+"""Facts about file names and folders shared by every dataset kind (no dataset's own layout lives here)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from pathlib import Path
-
-from datasets.registry import dataset_names, get_dataset
 
 SPLITS = ("train", "val", "test")
 # Listing keeps files with these suffixes (case-insensitive) and ignores everything else.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
-HICERVIX_LEVELS = ("level_1", "level_2", "level_3", "class_name")
-DEFAULT_HICERVIX_LEVEL = "level_3"
-
-
-@dataclass(frozen=True)
-class PaperLayout:
-    """A dataset stored as ``<root>/<folder>/images/<split>/<class>_<n>.<ext>``."""
-
-    folder: str
-    ext: str
-    classes: tuple[str, ...]  # in the paper's label order
-
-    def images_dir(self, root: Path) -> Path:
-        """The folder that holds the three split folders."""
-        return root / self.folder / "images"
-
-
-PAPER_LAYOUTS = {
-    "mlcc": PaperLayout("MLCC", ".jpg", ("HSIL", "LSIL", "NL", "SCC")),
-    "bcfc": PaperLayout("BCFC", ".png", ("malignant", "benign")),
-    "sipakmed": PaperLayout(
-        "sipakmed",
-        ".bmp",
-        ("Dyskeratotic", "Koilocytotic", "Metaplastic", "Parabasal", "Superficial-Intermediate"),
-    ),
-}
+# Written by `prepare` beside the images: each written file, its source in the download, its label and group.
+SOURCES_FILE = "sources.csv"
+CLASS_FOLDERS = "<root>/{train,val,test}/<class>_<n>.<ext>"
 
 
 def is_image_name(name: str) -> bool:
@@ -44,25 +16,3 @@ def is_image_name(name: str) -> bool:
         return False
     dot = name.rfind(".")
     return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
-
-
-def paper_layout_text(lay: PaperLayout) -> str:
-    """The layout phrase of a paper dataset."""
-    return f"<root>/{lay.folder}/images/{{train,val,test}}/<class>_<n>{lay.ext}"
-
-
-def expected_layout(dataset: str) -> str:
-    """One phrase describing the on-disk layout a dataset needs (from the registry)."""
-    return get_dataset(dataset).layout
-
-
-def how_to_prepare(dataset: str) -> str:
-    """What to do to build a dataset's layout (from the registry)."""
-    return get_dataset(dataset).how_to_prepare
-
-
-def __getattr__(name: str):
-    # the old home of DATASET_NAMES; the registry now holds the names
-    if name == "DATASET_NAMES":
-        return dataset_names()
-    raise AttributeError(f"module 'datasets.layouts' has no attribute '{name}'")

@@ -1,39 +1,21 @@
-"""List a dataset's files and labels per split, without decoding any image.
+"""Reading helpers shared by the dataset kinds: list a folder's images and read ``<split>/<class>_<n>.<ext>``.
 
-Every reader returns a :class:`Listing`: for each split, the sorted relative paths of its
-images with their labels. File names are sorted here, so nothing downstream depends on
-the order in which the filesystem lists a folder. Readers are called as
-``reader(root, request)`` (see :class:`datasets.registry.ReadRequest`).
+Nothing here decodes an image. File names are sorted here, so nothing downstream depends on the order in
+which the filesystem lists a folder. Readers are called as ``reader(root, request)`` (see
+:class:`datasets.base.ReadRequest`) and return a :class:`datasets.base.Listing`.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from datasets.base import Listing
 from datasets.errors import DatasetError
-from datasets.layouts import PAPER_LAYOUTS, SPLITS, expected_layout, how_to_prepare, is_image_name
-from datasets.registry import ReadRequest
-
-
-@dataclass
-class Listing:
-    """All images of a dataset: relative paths (posix) and labels per split.
-
-    A label is a class name ("single_label"), a tuple of 0/1 ints, one per class ("multilabel"),
-    or a class name or None ("captions", with the caption of each path in ``captions``).
-    """
-
-    root: Path
-    classes: list[str]
-    items: dict[str, list[tuple[str, object]]]  # split -> [(relative path, label)], sorted by path
-    left_out: int = 0
-    notes: list[str] = field(default_factory=list)
-    task: str = "single_label"
-    captions: dict[str, str] = field(default_factory=dict)  # relative path -> caption
-    groups: dict[str, str] = field(default_factory=dict)  # relative path -> group (patient, slide, ...)
+from datasets.layouts import SPLITS, is_image_name
+from datasets.registry import get_dataset
 
 
 def class_of(name: str) -> str | None:
@@ -41,6 +23,16 @@ def class_of(name: str) -> str | None:
     stem = name.rsplit(".", 1)[0]
     cls, sep, _ = stem.rpartition("_")
     return cls if sep and cls else None
+
+
+def expected_layout(dataset: str) -> str:
+    """One phrase describing the on-disk layout a dataset needs (from the registry)."""
+    return get_dataset(dataset).layout
+
+
+def how_to_prepare(dataset: str) -> str:
+    """What to do to build a dataset's layout (from the registry)."""
+    return get_dataset(dataset).how_to_prepare
 
 
 def require_dir(path: Path, dataset: str, what: str) -> None:
@@ -68,10 +60,19 @@ def list_image_names(folder: Path) -> list[str]:
     return names
 
 
+def images_below(folder: Path) -> list[Path]:
+    """Every image file under ``folder`` (recursively, hidden entries skipped), sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath) / f for f in filenames if is_image_name(f))
+    return sorted(found)
+
+
 def read_class_folders(root: Path, dataset: str, classes: tuple[str, ...] | None) -> Listing:
     """Read ``root/<split>/<class>_<n>.<ext>``; infer the classes when ``classes`` is None."""
     require_dir(root, dataset, "dataset root")
-    items: dict[str, list[tuple[str, str]]] = {}
+    items: dict[str, list[tuple[str, object]]] = {}
     for split in SPLITS:
         folder = root / split
         require_dir(folder, dataset, f"{split} folder")
@@ -101,41 +102,30 @@ def _checked_class(folder: Path, name: str, classes: tuple[str, ...] | None) -> 
     return cls
 
 
-def read_folder(root: Path, request: ReadRequest) -> Listing:
-    """The generic ``folder`` dataset: classes inferred from the file names."""
-    return read_class_folders(root, request.dataset, None)
+@dataclass(frozen=True)
+class FolderLayout:
+    """A dataset stored as ``<root>/<folder>/images/<split>/<class>_<n>.<ext>`` (the paper's layout)."""
 
+    folder: str
+    ext: str
+    classes: tuple[str, ...]  # in label order
 
-def read_demo(root: Path | None, request: ReadRequest) -> Listing:
-    """The synthetic demo dataset, generated in its cache folder on first use (``root`` is ignored)."""
-    from datasets.demo import demo_root
+    def images_dir(self, root: Path) -> Path:
+        """The folder that holds the three split folders."""
+        return root / self.folder / "images"
 
-    return read_class_folders(demo_root(), request.dataset, None)
+    def text(self) -> str:
+        """The layout phrase shown in errors and help."""
+        return f"<root>/{self.folder}/images/{{train,val,test}}/<class>_<n>{self.ext}"
 
-
-def read_demo_captions(root: Path | None, request: ReadRequest) -> Listing:
-    """The synthetic image-caption dataset, generated in its cache folder on first use (``root`` is ignored)."""
-    from datasets.demo import demo_captions_root
-    from datasets.tabular import read_csv_dataset
-
-    return read_csv_dataset(demo_captions_root(), request)
-
-
-def read_paper(root: Path, request: ReadRequest) -> Listing:
-    """MLCC, BCFC or SIPaKMeD, by the request's dataset name."""
-    return read_paper_layout(root, request.dataset)
-
-
-def read_paper_layout(root: Path, dataset: str) -> Listing:
-    """Read MLCC, BCFC or SIPaKMeD in the paper's ``<root>/<NAME>/images/<split>/`` layout."""
-    layout = PAPER_LAYOUTS[dataset]
-    require_dir(root, dataset, "dataset root")
-    listing = read_class_folders(layout.images_dir(root), dataset, layout.classes)
-    prefix = f"{layout.folder}/images/"
-    # Paths stay relative to the root the user gave, so manifests show the whole layout.
-    listing.items = {s: [(prefix + rel, cls) for rel, cls in v] for s, v in listing.items.items()}
-    listing.root = root
-    return listing
+    def read(self, root: Path, dataset: str) -> Listing:
+        """Read the layout, with paths kept relative to ``root`` (so manifests show the whole layout)."""
+        require_dir(root, dataset, "dataset root")
+        listing = read_class_folders(self.images_dir(root), dataset, self.classes)
+        prefix = f"{self.folder}/images/"
+        listing.items = {s: [(prefix + rel, cls) for rel, cls in v] for s, v in listing.items.items()}
+        listing.root = root
+        return listing
 
 
 def print_notes(listing: Listing) -> None:

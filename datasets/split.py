@@ -9,19 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.io import write_text_atomic
+from datasets.base import DEFAULT_PROTOCOL, Listing, ReadRequest
 from datasets.errors import DatasetError
 from datasets.folds import cross_validation, known_groups
 from datasets.labelmap import LabelMap, apply_label_map, check_label_map, parse_label_map
 from datasets.layouts import SPLITS
-from datasets.readers import Listing, print_notes
-from datasets.registry import (
-    DEFAULT_PROTOCOL,
-    ReadRequest,
-    get_dataset,
-    resolve_level,
-    resolve_level_fallback,
-    resolve_protocol,
-)
+from datasets.readers import print_notes
+from datasets.registry import get_dataset, resolve_level, resolve_level_fallback, resolve_protocol
 from datasets.sampling import check_sampling, sample_split
 
 
@@ -44,7 +38,7 @@ class Split:
     val: list[tuple[str, int]]
     test: list[tuple[str, int]]
     left_out: int = 0
-    level_fallback: str | None = None  # HiCervix: "original", "none" or "parent"; None without levels
+    level_fallback: str | None = None  # HiCervix: "original", "none" or "parent"; None for other datasets
     protocol: str = DEFAULT_PROTOCOL
     label_map: LabelMap | None = None
     task: str = "single_label"  # "single_label", "multilabel" or "captions"
@@ -158,13 +152,17 @@ def list_dataset(
 
 
 def read_request(dataset: str, level: str | None, level_fallback: str | None, protocol: str | None) -> ReadRequest:
-    """The reader's request with the level and options checked against the registry entry."""
-    return ReadRequest(
-        dataset=dataset,
-        level=resolve_level(dataset, level),
-        level_fallback=resolve_level_fallback(dataset, level_fallback),
-        protocol=resolve_protocol(dataset, protocol),
-    )
+    """The reader's request with the level and options checked against the registry entry (and, for a
+    dataset with settings, its settings dataclass built from them)."""
+    level = resolve_level(dataset, level)
+    level_fallback = resolve_level_fallback(dataset, level_fallback)
+    protocol = resolve_protocol(dataset, protocol)
+    info = get_dataset(dataset)
+    given = {"level": level, "level_fallback": level_fallback, "protocol": protocol}
+    names = {f.name for f in info.setting_fields()}
+    settings = info.resolve({k: v for k, v in given.items() if k in names})
+    return ReadRequest(dataset=dataset, level=level, level_fallback=level_fallback, protocol=protocol,
+                       settings=settings)
 
 
 def _read(root_path: str | os.PathLike | None, request: ReadRequest, mapping: LabelMap | None) -> Listing:
@@ -186,8 +184,8 @@ def load_split(
     level: str | None = None,
     percentage: float | None = None,
     *,
-    level_fallback: str = "original",
-    protocol: str = DEFAULT_PROTOCOL,
+    level_fallback: str | None = None,
+    protocol: str | None = None,
     label_map: LabelMap | str | None = None,
     cv: int | None = None,
     fold: int | None = None,
@@ -196,9 +194,9 @@ def load_split(
     """The split of one run: a pure function of the files, dataset, labelling options, shots, percentage and seed.
 
     ``root_path`` may be None or "" only for "demo", which always lives in its cache folder
-    (see :func:`datasets.demo.demo_root`). ``level``, ``level_fallback`` and ``protocol`` apply to
-    datasets with label levels (hicervix; see :mod:`datasets.hicervix`). ``label_map`` merges
-    classes before sampling: ``{new: [old, ...]}``, or the text :func:`parse_label_map` reads.
+    (see :func:`datasets.demo.demo_root`). ``level``, ``level_fallback`` and ``protocol`` are settings of
+    the datasets that take them (hicervix; see :mod:`datasets.hicervix`); None takes the dataset's default.
+    ``label_map`` merges classes before sampling: ``{new: [old, ...]}``, or the text :func:`parse_label_map` reads.
     ``cv`` and ``fold`` replace train and val by K cross-validation folds of their union
     (:mod:`datasets.folds`), before sampling; test is untouched. ``replacement`` (``--compat seed``) draws a
     single-label class with fewer images than its few-shot quota with replacement, as the original code does.

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 from datasets import DatasetError, hicervix_tree, hierarchical_distance, load_split
-from datasets.hicervix import FALLBACKS
+from datasets.hicervix import FALLBACKS, LEVEL_FALLBACKS
 from datasets.layouts import SPLITS
-from datasets.registry import LEVEL_FALLBACKS
 
 # (level_1, level_2, level_3): a small tree with a known shape. Empty cells are missing labels.
 KINDS = [

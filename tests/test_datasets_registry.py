@@ -9,7 +9,7 @@ import pytest
 
 import datasets
 from datasets import DatasetError, DatasetInfo, class_prompts, dataset_names, get_dataset, load_split, resolve_level
-from datasets.readers import read_folder
+from datasets.folder import read_folder
 from datasets.registry import register, unregister
 from tests.conftest import make_folder_dataset
 from tests.conftest import run_datasets_cli as run_cli
