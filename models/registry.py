@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from models.capabilities import Capabilities
 from models.errors import ModelError
 from models.spec import ModelSpec
 from models.weights import Weights, parse_weights
@@ -21,17 +22,25 @@ class Request:
 
 
 Builder = Callable[[Request], ModelSpec]
+# An entry's facts: one Capabilities; one per backbone (same keys as `backbones`); or, for a namespace,
+# a function of the name after the prefix.
+Facts = Capabilities | Mapping[str, Capabilities] | Callable[[str], Capabilities] | None
 
 
 @dataclass(frozen=True)
 class Entry:
-    """A registry entry; `backbones` maps accepted --backbone values to architectures (first = default)."""
+    """A registry entry; `backbones` maps accepted --backbone values to architectures (first = default).
+
+    `capabilities` declares what the entry loads without building it (see Facts); None for a plug-in
+    that declares nothing.
+    """
 
     key: str
     build: Builder
     summary: str
     backbones: dict[str, str] = field(default_factory=dict)
     namespace: bool = False
+    capabilities: Facts = field(default=None, compare=False)
 
     @property
     def label(self) -> str:
@@ -47,8 +56,25 @@ def register(entry: Entry) -> Entry:
         raise ModelError(f"model key '{entry.key}' is already registered; choose another key")
     if ":" in entry.key:
         raise ModelError(f"model key '{entry.key}' may not contain ':' (reserved for namespaces)")
+    _check_facts(entry)
     _ENTRIES[entry.key] = entry
     return entry
+
+
+def _check_facts(entry: Entry) -> None:
+    """The declared capabilities have the shape the entry needs; ModelError naming what is wrong."""
+    facts = entry.capabilities
+    if facts is None or isinstance(facts, Capabilities) and not entry.backbones and not entry.namespace:
+        return
+    if isinstance(facts, Mapping) and entry.backbones and set(facts) == set(entry.backbones):
+        if all(isinstance(f, Capabilities) for f in facts.values()):
+            return
+    if callable(facts) and entry.namespace:
+        return
+    expected = ("a function of the architecture name" if entry.namespace else
+                f"one Capabilities per backbone ({', '.join(entry.backbones)})" if entry.backbones else
+                "one Capabilities")
+    raise ModelError(f"model key '{entry.key}': its capabilities must be {expected}")
 
 
 def unregister(key: str) -> None:
@@ -97,6 +123,20 @@ def resolve_backbone(entry: Entry, key: str, backbone: str | None) -> str | None
             f"unknown backbone '{backbone}' for model '{key}'; valid backbones: {', '.join(entry.backbones)}"
         )
     return choice
+
+
+def capabilities(key: str, backbone: str | None = None) -> Capabilities:
+    """What `key` (with `backbone`, else its default one) loads, without building it; ModelError if undeclared."""
+    entry, name = resolve(key)
+    chosen = resolve_backbone(entry, key, backbone)
+    facts = entry.capabilities
+    if facts is None:
+        raise ModelError(
+            f"model '{key}' declares no capabilities; `python -m models show {key}` builds it and prints its facts"
+        )
+    if entry.namespace:
+        return facts(name)
+    return facts[chosen] if chosen is not None else facts
 
 
 def load_model(key: str, backbone: str | None = None, weights: str | None = None) -> ModelSpec:

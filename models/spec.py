@@ -67,7 +67,7 @@ class ModelSpec:
         if not self.has_text:
             raise ModelError(
                 f"model '{self.key}' has no text tower; text features (--textual True) need a CLIP-style "
-                "model: clip, quilt, biomedclip or tiny_clip"
+                "model (the column 'text' of `python -m models list` shows which)"
             )
         tokens = self.tokenizer(list(texts)).to(_device_of(self.model))
         return self.text_fn(self.model, tokens)

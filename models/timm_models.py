@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from models import hub
+from models.capabilities import USER_WEIGHTS, Capabilities
 from models.errors import ModelError, one_line
 from models.registry import Request
 from models.spec import ModelSpec
@@ -72,6 +73,31 @@ def build_any(req: Request) -> ModelSpec:
             f"{'/'.join(STATE_DICT_SUFFIXES)} or a folder holding one) or --weights random"
         )
     return build(req, Recipe(arch))
+
+
+def describe_any(arch: str) -> Capabilities:
+    """The facts of "timm:<arch>", from the architecture built on the meta device (no memory, no initialisation)."""
+    import timm
+
+    _check_arch(arch)
+    with torch.device("meta"):
+        model = timm.create_model(arch, pretrained=False, num_classes=0)
+    cfg = timm.data.resolve_model_data_config(model)
+    dim = getattr(model, "head_hidden_size", None) or model.num_features
+    return Capabilities(
+        f"timm:{arch}", int(dim), int(cfg["input_size"][-1]), tuple(cfg["mean"]), tuple(cfg["std"]), USER_WEIGHTS,
+        attention_layout(model),
+    )
+
+
+def attention_layout(model: nn.Module) -> str:
+    """The layout LoRA meets in a timm model: a fused qkv Linear, nn.MultiheadAttention, else 1x1 convolutions."""
+    modules = list(model.modules())
+    if any(isinstance(getattr(m, "qkv", None), nn.Linear) for m in modules):
+        return "fused_qkv"
+    if any(isinstance(m, nn.MultiheadAttention) for m in modules):
+        return "mha"
+    return "pointwise_conv"
 
 
 def build(req: Request, recipe: Recipe) -> ModelSpec:
