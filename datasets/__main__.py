@@ -15,6 +15,8 @@ from datasets.layouts import SPLITS
 from datasets.registry import dataset_names, dataset_setting_fields, get_dataset
 from datasets.split import load_split
 
+NAMED_SETTINGS = ("level", "level_fallback", "protocol")  # load_split's own parameters; other settings go by name
+
 
 def preparable() -> tuple[str, ...]:
     """Registered datasets that have a ``prepare`` step."""
@@ -113,6 +115,7 @@ def summary(args: argparse.Namespace) -> dict:
         level_fallback=getattr(args, "level_fallback", None),
         protocol=getattr(args, "protocol", None),
         label_map=args.label_map,
+        settings={name: getattr(args, name) for name in dataset_setting_fields() if name not in NAMED_SETTINGS},
     )
     if args.decode:
         for name in SPLITS:

@@ -151,18 +151,19 @@ def list_dataset(
     return _read(root_path, read_request(dataset, level, level_fallback, protocol), _label_map(label_map))
 
 
-def read_request(dataset: str, level: str | None, level_fallback: str | None, protocol: str | None) -> ReadRequest:
-    """The reader's request with the level and options checked against the registry entry (and, for a
-    dataset with settings, its settings dataclass built from them)."""
+def read_request(dataset: str, level: str | None, level_fallback: str | None, protocol: str | None,
+                 settings: dict | None = None) -> ReadRequest:
+    """The reader's request with the level and options checked against the registry entry, and the dataset's
+    settings dataclass built from them and ``settings`` (its other fields by name; None values are not given)."""
     level = resolve_level(dataset, level)
     level_fallback = resolve_level_fallback(dataset, level_fallback)
     protocol = resolve_protocol(dataset, protocol)
     info = get_dataset(dataset)
     given = {"level": level, "level_fallback": level_fallback, "protocol": protocol}
     names = {f.name for f in info.setting_fields()}
-    settings = info.resolve({k: v for k, v in given.items() if k in names})
+    resolved = info.resolve({**{k: v for k, v in given.items() if k in names}, **(settings or {})})
     return ReadRequest(dataset=dataset, level=level, level_fallback=level_fallback, protocol=protocol,
-                       settings=settings)
+                       settings=resolved)
 
 
 def _read(root_path: str | os.PathLike | None, request: ReadRequest, mapping: LabelMap | None) -> Listing:
@@ -190,6 +191,7 @@ def load_split(
     cv: int | None = None,
     fold: int | None = None,
     replacement: bool = False,
+    settings: dict | None = None,
 ) -> Split:
     """The split of one run: a pure function of the files, dataset, labelling options, shots, percentage and seed.
 
@@ -200,9 +202,10 @@ def load_split(
     ``cv`` and ``fold`` replace train and val by K cross-validation folds of their union
     (:mod:`datasets.folds`), before sampling; test is untouched. ``replacement`` (``--compat seed``) draws a
     single-label class with fewer images than its few-shot quota with replacement, as the original code does.
+    ``settings`` gives the dataset's other settings by name (a key it does not take is refused).
     """
     percentage = check_sampling(shots, percentage)
-    request = read_request(dataset, level, level_fallback, protocol)
+    request = read_request(dataset, level, level_fallback, protocol, settings)
     mapping = _label_map(label_map)
     listing = _read(root_path, request, mapping)
     if cv is not None:
