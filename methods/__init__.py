@@ -8,14 +8,20 @@ nothing. ``python -m methods list`` shows what is registered.
 from methods import (  # noqa: F401  (each import registers its method)
     adapter,
     bitfit,
+    clap,
+    clip_adapter,
     dora,
     full,
     knn,
     linear,
+    logreg,
     lora,
     lp_ft,
+    lp_pp,
     prototype,
     simpleshot,
+    taskres,
+    tip_adapter,
     zeroshot,
 )
 from methods.registry import Method, MethodError, Plan, Stage, get_method, method_names, methods, register
