@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from datasets.errors import DatasetError
 from datasets.folds import cross_validation, known_groups
 from datasets.labelmap import LabelMap, apply_label_map, check_label_map, parse_label_map
 from datasets.layouts import SPLITS
+from datasets.leakage import check_leakage
 from datasets.readers import print_notes
 from datasets.registry import get_dataset, resolve_level, resolve_level_fallback, resolve_protocol
 from datasets.sampling import check_sampling, sample_split
@@ -223,6 +225,8 @@ def load_split(
                             replacement)
         paths.update((rel, os.path.join(root, rel)) for rel, _ in kept)
         lists[split] = [(paths[rel], label_of(label)) for rel, label in kept]
+    for note in check_leakage({split: [path for path, _ in items] for split, items in lists.items()}):
+        print(f"warning: {note}", file=sys.stderr)
     return Split(
         dataset=dataset,
         root=root,
