@@ -21,6 +21,7 @@ from lora.layers import (
     OriginalAttentionLoRA,
 )
 from lora.merge import merge_lora
+from lora.svd import SingularValueDelta, apply_svd, load_svd, merge_svd, save_svd, svd_layers, svd_state_dict
 
 __all__ = [
     "ENCODERS",
@@ -48,4 +49,11 @@ __all__ = [
     "parse_params",
     "read_lora_settings",
     "save_lora",
+    "SingularValueDelta",
+    "apply_svd",
+    "load_svd",
+    "merge_svd",
+    "save_svd",
+    "svd_layers",
+    "svd_state_dict",
 ]

@@ -20,6 +20,7 @@ from methods import (  # noqa: F401  (each import registers its method)
     lp_pp,
     prototype,
     simpleshot,
+    svd,
     taskres,
     tip_adapter,
     zeroshot,
