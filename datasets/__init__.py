@@ -12,6 +12,11 @@ one. Importing it loads neither torch, numpy nor PIL.
 # isort: off
 from datasets import paper  # noqa: F401  mlcc, bcfc, sipakmed
 from datasets import hicervix  # noqa: F401
+from datasets import apacc  # noqa: F401
+from datasets import bloodmnist  # noqa: F401
+from datasets import bmcd  # noqa: F401
+from datasets import bmt  # noqa: F401
+from datasets import fnac2019  # noqa: F401
 from datasets import folder  # noqa: F401
 from datasets import tabular  # noqa: F401  csv
 from datasets import demo  # noqa: F401  demo, demo_captions

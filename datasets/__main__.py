@@ -168,10 +168,10 @@ def print_prepare_report(report: dict) -> None:
         return
     if "groups" in report:
         print(f"groups per split: {json.dumps(report['groups'])}")
-    print(
-        f"copied {report['images']} images to {report['written_to']} (seed {report['seed']}, "
-        f"ratios {'/'.join(f'{r:g}' for r in report['ratios'])}); the source was not modified"
-    )
+    how = {"official": "the download's own split",
+           "official test": f"the download's own train/test split, val drawn from train with seed {report['seed']}"
+           }.get(report.get("split"), f"seed {report['seed']}, ratios {'/'.join(f'{r:g}' for r in report['ratios'])}")
+    print(f"copied {report['images']} images to {report['written_to']} ({how}); the source was not modified")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,16 +12,19 @@ The downloads say nothing of patients or slides, so the split cannot keep them t
 
 from __future__ import annotations
 
-import os
-import re
-from collections.abc import Callable
 from pathlib import Path
 
 from datasets.base import Listing, PrepareRequest, ReadRequest
-from datasets.errors import DatasetError
-from datasets.layouts import is_image_name
-from datasets.prepare import Planned, build_it, plan_stratified, prepare_folder_layout, warn_stray
-from datasets.readers import FolderLayout, images_below
+from datasets.prepare import (
+    Planned,
+    build_it,
+    class_resolver,
+    plan_stratified,
+    prepare_folder_layout,
+    scan_class_folders,
+    warn_stray,
+)
+from datasets.readers import FolderLayout
 from datasets.registry import CELL_PROMPT, CELLS_PROMPT, DatasetInfo, register
 
 PAPER_LAYOUTS = {
@@ -77,22 +80,6 @@ def read_paper_layout(root: Path, dataset: str) -> Listing:
     return PAPER_LAYOUTS[dataset].read(root, dataset)
 
 
-def normalise(name: str) -> str:
-    """Folder name -> comparison key: case, an ``im_`` prefix and punctuation do not matter."""
-    name = name.strip().lower()
-    name = name.removeprefix("im_")
-    return re.sub(r"[^a-z0-9]", "", name)
-
-
-def class_resolver(aliases: dict[str, tuple[str, ...]]) -> Callable[[str], str | None]:
-    """A function mapping a raw folder name to a class name (None if it is no class)."""
-    table = {}
-    for cls, names in aliases.items():
-        for alias in (cls, *names):
-            table[normalise(alias)] = cls
-    return lambda folder: table.get(normalise(folder))
-
-
 def _only_cropped(files: list[Path], folder: Path) -> list[Path]:
     """SIPaKMeD: keep the cell crops when the class folder has a CROPPED sub-folder."""
     cropped = [f for f in files if CROPPED in (p.lower() for p in f.relative_to(folder).parts[:-1])]
@@ -100,36 +87,10 @@ def _only_cropped(files: list[Path], folder: Path) -> list[Path]:
 
 
 def scan_paper_raw(src: Path, dataset: str) -> tuple[dict[str, list[Path]], int]:
-    """Images per paper class under ``src`` and the number of images outside any class folder.
-
-    The top-most folder whose name maps to a class claims every image below it (so that
-    SIPaKMeD's nested ``im_<Class>/im_<Class>/CROPPED/`` counts once).
-    """
-    resolve = class_resolver(ALIASES[dataset])
-    found: dict[str, list[Path]] = {}
-    stray = 0
-    for dirpath, dirnames, filenames in os.walk(src):
-        here = Path(dirpath)
-        keep = []
-        for d in sorted(x for x in dirnames if not x.startswith(".")):
-            cls = resolve(d)
-            if cls is None:
-                keep.append(d)
-                continue
-            files = images_below(here / d)
-            if dataset == "sipakmed":
-                files = _only_cropped(files, here / d)
-            found.setdefault(cls, []).extend(files)
-        dirnames[:] = keep
-        stray += sum(1 for f in filenames if is_image_name(f))
-    classes = PAPER_LAYOUTS[dataset].classes
-    missing = [c for c in classes if not found.get(c)]
-    if missing:
-        raise DatasetError(
-            f"no images found for class(es) {', '.join(missing)} under {src}: {dataset} needs one folder per class "
-            f"({', '.join(classes)}; case and an im_ prefix do not matter)"
-        )
-    return {c: sorted(found[c]) for c in classes}, stray
+    """Images per paper class under ``src`` and the number of images outside any class folder (SIPaKMeD: only
+    its single-cell crops)."""
+    keep = _only_cropped if dataset == "sipakmed" else None
+    return scan_class_folders(src, class_resolver(ALIASES[dataset]), PAPER_LAYOUTS[dataset].classes, dataset, keep)
 
 
 def paper_preparer(dataset: str):

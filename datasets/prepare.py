@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -24,8 +25,8 @@ from pathlib import Path
 from datasets.assign import assign_groups, assign_stratified, check_ratios
 from datasets.base import PrepareRequest
 from datasets.errors import DatasetError
-from datasets.layouts import SOURCES_FILE, SPLITS
-from datasets.readers import FolderLayout
+from datasets.layouts import SOURCES_FILE, SPLITS, is_image_name
+from datasets.readers import FolderLayout, images_below
 
 
 def build_it(name: str, src: str = "RAW") -> str:
@@ -52,6 +53,8 @@ class Planned:
     cls: str
     split: str
     group: str
+    origin: str = ""  # what sources.csv names as the source when it is no file under --src (an array entry)
+    given: bool = False  # the split comes with the download (official), not from this tool's seeded draw
 
 
 def check_class_name(name: str, where: str) -> str:
@@ -77,9 +80,121 @@ def plan_grouped(rows: list[tuple[Path, str, str]], ratios, seed: int) -> list[P
     return [Planned(image, label, where[group], group) for image, label, group in rows]
 
 
-def plan_official(rows: list[tuple[Path, str, str]], group: str = "") -> list[Planned]:
+def plan_official(rows: list[tuple[Path, str, str]]) -> list[Planned]:
     """(image, class, split) rows of a dataset that comes with its own split, kept as they are."""
-    return [Planned(image, label, split, group) for image, label, split in rows]
+    return [Planned(image, label, split, "", given=True) for image, label, split in rows]
+
+
+def scan_class_folders(src: Path, resolve: Callable[[str], str | None], classes: tuple[str, ...], dataset: str,
+                       keep: Callable[[list[Path], Path], list[Path]] | None = None
+                       ) -> tuple[dict[str, list[Path]], int]:
+    """Images per class under ``src`` and the number of images outside any class folder.
+
+    ``resolve`` maps a folder name to a class (None: no class folder); the top-most folder whose name maps to
+    a class claims every image below it (so that nested copies of a class folder count once); ``keep(files,
+    folder)`` may narrow a class folder's images. DatasetError naming the expected folders when a class has none.
+    """
+    found: dict[str, list[Path]] = {}
+    stray = 0
+    for dirpath, dirnames, filenames in os.walk(src):
+        here = Path(dirpath)
+        descend = []
+        for d in sorted(x for x in dirnames if not x.startswith(".")):
+            cls = resolve(d)
+            if cls is None:
+                descend.append(d)
+                continue
+            files = images_below(here / d)
+            found.setdefault(cls, []).extend(keep(files, here / d) if keep else files)
+        dirnames[:] = descend
+        stray += sum(1 for f in filenames if is_image_name(f))
+    missing = [c for c in classes if not found.get(c)]
+    if missing:
+        raise DatasetError(
+            f"no images found for class(es) {', '.join(missing)} under {src}: {dataset} needs one folder per class "
+            f"({', '.join(classes)}; case and an im_ prefix do not matter)"
+        )
+    return {c: sorted(found[c]) for c in classes}, stray
+
+
+def normalise(name: str) -> str:
+    """Folder name -> comparison key: case, an ``im_`` prefix and punctuation do not matter."""
+    name = name.strip().lower()
+    name = name.removeprefix("im_")
+    return re.sub(r"[^a-z0-9]", "", name)
+
+
+def class_resolver(aliases: dict[str, tuple[str, ...]]) -> Callable[[str], str | None]:
+    """A function mapping a raw folder name to a class name (None if it is no class): the class itself or
+    one of its aliases, compared by :func:`normalise`."""
+    table = {}
+    for cls, names in aliases.items():
+        for alias in (cls, *names):
+            table[normalise(alias)] = cls
+    return lambda folder: table.get(normalise(folder))
+
+
+SPLIT_LISTS = "splits"  # <src>/splits/{train,val,test}.txt: the benchmark's lists of `relative/path label`
+LISTED_IMAGES = "images"  # ... whose paths are relative to <src>/images/
+
+
+def read_split_lists(src: Path, resolve: Callable[[str], str | None], dataset: str) -> list[tuple[Path, str, str]]:
+    """(image, class, split) from ``<src>/splits/{train,val,test}.txt``, lines ``relative/path label`` (the path,
+    relative to ``<src>/images``, may hold spaces; its first folder names the class)."""
+    rows: list[tuple[Path, str, str]] = []
+    for split in SPLITS:
+        path = src / SPLIT_LISTS / f"{split}.txt"
+        if not path.is_file():
+            raise DatasetError(f"{path} not found: {dataset} split lists are {SPLIT_LISTS}/{{train,val,test}}.txt "
+                               f"with lines `relative/path label` (paths under {src / LISTED_IMAGES})")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            rel, _, label = line.strip().rpartition(" ")
+            cls = resolve(rel.split("/", 1)[0]) if rel else None
+            if not rel or not label.lstrip("-").isdigit() or cls is None:
+                raise DatasetError(f"{path} line {number}: expected `<class folder>/<file> <label>`, got {line!r}")
+            image = src / LISTED_IMAGES / rel
+            if not image.is_file():
+                raise DatasetError(f"{path} line {number}: {image} not found; restore it or fix the list")
+            rows.append((image, cls, split))
+    return rows
+
+
+def plan_download(src: Path, ratios, seed: int, dataset: str, aliases: dict[str, tuple[str, ...]],
+                  group_of: Callable[[Path], str] | None = None) -> list[Planned]:
+    """The plan of a download in one of three forms, tried in this order:
+
+    * the benchmark's layout, ``<src>/images/<class>/...`` with ``<src>/splits/{train,val,test}.txt``: kept;
+    * split folders ``<src>/{train,test}/<class>/...`` (and ``val/`` if present): kept, val drawn from train
+      (seeded, by ``ratios``) when absent;
+    * class folders anywhere under ``<src>``: split per class, seeded, by ``ratios``; grouped by ``group_of(image)``
+      (patient, slide, source image) when the dataset's file names say it.
+    """
+    resolve, classes = class_resolver(aliases), tuple(aliases)
+    if (src / SPLIT_LISTS).is_dir():
+        return plan_official(read_split_lists(src, resolve, dataset))
+    if (src / "train").is_dir() and (src / "test").is_dir():
+        rows = []
+        for split in SPLITS:
+            if (src / split).is_dir():
+                by_class, _ = scan_class_folders(src / split, resolve, classes, dataset)
+                rows += [(f, c, split) for c, files in by_class.items() for f in files]
+        planned = plan_official(rows)
+        if not (src / "val").is_dir():
+            train = [p for p in planned if p.split == "train"]
+            share = ratios[1] / (ratios[0] + ratios[1])
+            drawn = plan_stratified({c: [p.source for p in train if p.cls == c] for c in classes},
+                                    (100 * (1 - share), 100 * share, 0.0), seed)
+            val = {p.source for p in drawn if p.split == "val"}
+            for p in train:
+                p.split, p.given = ("val", False) if p.source in val else ("train", True)
+        return planned
+    by_class, stray = scan_class_folders(src, resolve, classes, dataset)
+    warn_stray(stray, src, "outside the class folders")
+    if group_of is None:
+        return plan_stratified(by_class, ratios, seed)
+    return plan_grouped([(f, c, group_of(f)) for c, files in by_class.items() for f in files], ratios, seed)
 
 
 def prepare_folder_layout(dataset: str, layout: FolderLayout, request: PrepareRequest,
@@ -162,7 +277,7 @@ def write_plan(plan: list[Planned], target: Path, sub: str, src: Path, overwrite
         for p, name in zip(plan, _names(plan), strict=True):
             shutil.copyfile(p.source, base / p.split / name)
             rel = f"{sub}/{p.split}/{name}" if sub else f"{p.split}/{name}"
-            rows.append((rel, p.source.relative_to(src).as_posix(), p.cls, p.group))
+            rows.append((rel, p.origin or p.source.relative_to(src).as_posix(), p.cls, p.group))
         with open(tmp / SOURCES_FILE, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["file", "source", "label", "group"])
@@ -185,9 +300,17 @@ def _swap_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
         os.rename(tmp, target)
 
 
-def report(
-    dataset: str, plan: list[Planned], classes: list[str], images_dir: Path, seed: int, ratios
-) -> dict:
+def split_kind(plan: list[Planned]) -> str:
+    """How a plan's split was made: "official" (the download's), "official test" (val drawn from its train) or
+    "seeded" (this tool's draw)."""
+    if plan and all(p.given for p in plan):
+        return "official"
+    if any(p.given for p in plan) and all(p.given for p in plan if p.split == "test"):
+        return "official test"
+    return "seeded"
+
+
+def report(dataset: str, plan: list[Planned], classes: list[str], images_dir: Path, seed: int, ratios) -> dict:
     counts = {cls: dict.fromkeys(SPLITS, 0) for cls in classes}
     for p in plan:
         counts[p.cls][p.split] += 1
@@ -200,6 +323,7 @@ def report(
         "written_to": str(images_dir),
         "seed": seed,
         "ratios": list(ratios),
+        "split": split_kind(plan),
         "images": len(plan),
         "counts": counts,
     }

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets.base import DEFAULT_PROTOCOL, Listing, PrepareRequest, ReadRequest
@@ -54,8 +54,8 @@ class DatasetInfo:
     # the kind of data: "single_label", "multilabel" or "captions" (image-text pairs); a function of the
     # root for layouts whose files say it (csv). Read before the data is, for task-dependent defaults.
     task: str | Callable[[Path], str] = "single_label"
-    # further prompt templates of the dataset's benchmark ("{}" is the class name), for prompt ensembles
-    templates: tuple[str, ...] = ()
+    # how prompts name a class whose label is an abbreviation (BMCD's "ABE" -> "abnormal eosinophil")
+    prompt_names: dict[str, str] = field(default_factory=dict, hash=False)
     source: str = ""  # where to get the data
     citation: str = ""  # the paper to cite
     licence: str = ""  # the data's licence, as its distributor states it
@@ -212,6 +212,7 @@ def dataset_task(dataset: str, root: str | Path | None) -> str | None:
 
 
 def class_prompts(dataset: str, classes: list[str]) -> list[str]:
-    """One text prompt per class from the dataset's template ("_" in class names read as spaces)."""
-    template = get_dataset(dataset).prompt_template
-    return [template.format(str(cls).replace("_", " ")) for cls in classes]
+    """One text prompt per class from the dataset's template and prompt names ("_" in class names read as spaces)."""
+    info = get_dataset(dataset)
+    return [info.prompt_template.format(info.prompt_names.get(str(cls), str(cls)).replace("_", " "))
+            for cls in classes]

@@ -14,7 +14,8 @@ from datasets.registry import register, unregister
 from tests.conftest import make_folder_dataset
 from tests.conftest import run_datasets_cli as run_cli
 
-BUILT_IN = ("mlcc", "bcfc", "sipakmed", "hicervix", "folder", "csv", "demo", "demo_captions")
+BUILT_IN = ("mlcc", "bcfc", "sipakmed", "hicervix", "apacc", "bloodmnist", "bmcd", "bmt", "fnac2019", "folder", "csv",
+            "demo", "demo_captions")
 
 
 @pytest.fixture
@@ -128,6 +129,6 @@ def test_a_registered_dataset_loads_and_its_layout_text_is_used(plugin: DatasetI
 def test_cli_choices_come_from_the_registry() -> None:
     done = run_cli("prepare", "--help")
     assert done.returncode == 0
-    assert "{mlcc,bcfc,sipakmed,hicervix,folder,csv}" in done.stdout
+    assert "{mlcc,bcfc,sipakmed,hicervix,apacc,bloodmnist,bmcd,bmt,fnac2019,folder,csv}" in done.stdout
     done = run_cli("summary", "--dataset", "imagenet")
-    assert done.returncode == 2 and "{mlcc,bcfc,sipakmed,hicervix,folder,csv,demo,demo_captions}" in done.stderr
+    assert done.returncode == 2 and "{" + ",".join(BUILT_IN) + "}" in done.stderr
