@@ -4,7 +4,7 @@ The facts below are what the default weights give once built; tests/test_models_
 every entry that builds offline (with random weights, on the meta device) and checks them against it.
 """
 
-from models import efficientnet, hf_models, openclip_models, timm_models
+from models import dinobloom, efficientnet, hf_clip, hf_models, openclip_models, timm_models
 from models.capabilities import (
     BUILTIN_WEIGHTS,
     HALF,
@@ -36,6 +36,21 @@ register(Entry(
     capabilities=_clip(f"open_clip:{openclip_models.QUILT_ARCH}", 512, f"hf-hub:{openclip_models.QUILT_REPO}"),
 ))
 register(Entry(
+    "quilt_b16", openclip_models.build_quilt_b16, f"QuiltNet-B-16 (hf-hub:{openclip_models.QUILT_B16_REPO})",
+    capabilities=_clip(f"open_clip:{openclip_models.QUILT_B16_ARCH}", 512,
+                       f"hf-hub:{openclip_models.QUILT_B16_REPO}"),
+))
+register(Entry(
+    "plip", hf_clip.builder(hf_clip.PLIP_REPO), f"PLIP, pathology CLIP ViT-B/32 via transformers ({hf_clip.PLIP_REPO})",
+    capabilities=_clip("transformers:CLIPModel", 512, f"hf-hub:{hf_clip.PLIP_REPO}", "separate_qkv", "separate_qkv"),
+))
+register(Entry(
+    "pubmedclip", hf_clip.builder(hf_clip.PUBMEDCLIP_REPO),
+    f"PubMedCLIP, medical CLIP ViT-B/32 via transformers ({hf_clip.PUBMEDCLIP_REPO})",
+    capabilities=_clip("transformers:CLIPModel", 512, f"hf-hub:{hf_clip.PUBMEDCLIP_REPO}", "separate_qkv",
+                       "separate_qkv"),
+))
+register(Entry(
     "biomedclip", openclip_models.build_biomedclip, f"BiomedCLIP (hf-hub:{openclip_models.BIOMEDCLIP_REPO})",
     capabilities=_clip(f"open_clip:{openclip_models.BIOMEDCLIP_ARCH}", 512, f"hf-hub:{openclip_models.BIOMEDCLIP_REPO}",
                        text="separate_qkv", attention="fused_qkv"),
@@ -45,6 +60,15 @@ register(Entry(
     capabilities=Capabilities(f"timm:{timm_models.UNI.arch}", 1024, 224, IMAGENET_MEAN, IMAGENET_STD,
                               f"hf-hub:{timm_models.UNI_REPO}", "fused_qkv", gated=True),
 ))
+for _size, _variant in dinobloom.VARIANTS.items():
+    register(Entry(
+        f"dinobloom_{_size}", dinobloom.builder(_size),
+        f"DinoBloom-{_size.upper()}, DINOv2 ViT-{_size.upper()}/14 on blood cells via timm (hf-hub:{dinobloom.REPO})",
+        capabilities=Capabilities(
+            f"timm:{_variant.arch}", _variant.feature_dim, dinobloom.INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD,
+            f"hf-hub:{dinobloom.REPO}/{_variant.file}", "fused_qkv",
+        ),
+    ))
 register(Entry(
     "vit_google", hf_models.build_vit_google, f"ViT-B/16 via transformers ({hf_models.VIT_GOOGLE_REPO})",
     capabilities=Capabilities("transformers:ViTModel", 768, 224, HALF, HALF, f"hf-hub:{hf_models.VIT_GOOGLE_REPO}",

@@ -1,4 +1,4 @@
-"""open_clip models: OpenAI CLIP, QuiltNet, BiomedCLIP and the tiny test CLIP."""
+"""open_clip models: OpenAI CLIP, QuiltNet B/32 and B/16, BiomedCLIP and the tiny test CLIP."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ BIOMEDCLIP_ARCH = "cytolora_biomedclip"
 CLIP_BACKBONES = {"ViT-B/16": "ViT-B-16", "ViT-L/14": "ViT-L-14", "ViT-B/32": "ViT-B-32"}
 QUILT_REPO = "wisdomik/QuiltNet-B-32"
 QUILT_ARCH = "ViT-B-32"  # QuiltNet-B-32 is a fine-tuned ViT-B/32 CLIP
+QUILT_B16_REPO = "wisdomik/QuiltNet-B-16"
+QUILT_B16_ARCH = "ViT-B-16"  # and QuiltNet-B-16 a fine-tuned ViT-B/16
 BIOMEDCLIP_REPO = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 CONFIG_FILE = "open_clip_config.json"
 # Checkpoint names of an open_clip hub repository or folder, in open_clip's order of preference.
@@ -64,6 +66,11 @@ def build_clip(req: Request) -> ModelSpec:
 def build_quilt(req: Request) -> ModelSpec:
     """QuiltNet-B-32 (histopathology CLIP) from the hub."""
     return _build(req, Recipe(arch=QUILT_ARCH, repo=QUILT_REPO))
+
+
+def build_quilt_b16(req: Request) -> ModelSpec:
+    """QuiltNet-B-16 (histopathology CLIP) from the hub."""
+    return _build(req, Recipe(arch=QUILT_B16_ARCH, repo=QUILT_B16_REPO))
 
 
 def build_biomedclip(req: Request) -> ModelSpec:

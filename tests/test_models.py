@@ -33,6 +33,8 @@ def test_model_names_are_the_papers_keys_plus_the_test_models():
     assert set(models.MODEL_NAMES) == {
         "clip", "quilt", "biomedclip", "uni", "vit_google", "tiny_clip", "tiny_vit", "tiny_hf_vit",
         "efficientnet_lite0",
+        # the cytology benchmark's other backbones
+        "quilt_b16", "plip", "pubmedclip", "dinobloom_s", "dinobloom_b", "dinobloom_l", "dinobloom_g",
     }
     assert "timm:<architecture>" in [e.label for e in models.entries()]
 
