@@ -6,11 +6,25 @@ shared cluster can read results, adapters and cached features.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from common.errors import UserError
+
+TEMPORARY_SUFFIX = ".tmp"
+# ".NAME.XXXXXXXX.tmp": the name mkstemp gives atomic_write's temporary file (8 random letters, digits or _)
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+# errors that mean the disk (or the user's quota) is full: the user frees space and reruns
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(UserError):
+    """A write failed because the disk or the quota is full."""
 
 
 def _umask() -> int:
@@ -27,7 +41,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+    except OSError as exc:
+        _raise_if_full(exc, path)
+        raise
     os.close(fd)
     tmp = Path(name)
     try:
@@ -36,10 +54,42 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        _raise_if_full(exc, path)
         raise
     return path
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an error is a full disk or quota (torch.save reports one as a RuntimeError with no errno)."""
+    if isinstance(exc, OSError):
+        return exc.errno in _FULL
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("no space left" in text or "file write failed" in text)
+
+
+def _raise_if_full(exc: BaseException, path: Path) -> None:
+    if is_disk_full(exc):
+        raise DiskFull(f"no space left on the disk of {path.parent} while writing {path.name}: free some space "
+                       "(or choose another --output_dir) and rerun the same command; a run resumes from its last "
+                       "checkpoint") from None
+
+
+def leftover_temporaries(folder: str | Path) -> list[Path]:
+    """The temporary files of atomic writes that were killed before their rename (".NAME.XXXXXXXX.tmp")."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and _TEMPORARY.match(p.name))
+
+
+def remove_leftover_temporaries(folder: str | Path) -> list[Path]:
+    """Delete what leftover_temporaries finds; only while this process owns the folder (its run lock)."""
+    removed = leftover_temporaries(folder)
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -157,43 +159,74 @@ class _BatchByIndex(Dataset):
         return images, labels, [error for _, _, error in items]
 
 
-def _stamp(path: str) -> str:
-    st = os.stat(path)
-    return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+# The image-check cache remembers images by the hash of their content (an image corrupted in place is checked
+# again), with the day each was last seen; entries unseen for PRUNE_DAYS are dropped, and at most MAX_ENTRIES kept.
+CACHE_VERSION = 2
+PRUNE_DAYS = 90
+MAX_ENTRIES = 2_000_000
+
+
+def content_digest(path: str) -> str | None:
+    """A hash of a file's bytes (None when it cannot be read; decoding it then says why)."""
+    digest = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def _read_cache(cache_file: Path | None) -> dict[str, int]:
+    """digest -> day last seen; an unreadable or foreign cache counts as empty (it is rebuilt)."""
+    if cache_file is None or not cache_file.is_file():
+        return {}
+    try:
+        data = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    entries = data.get("decodable") if isinstance(data, dict) and data.get("version") == CACHE_VERSION else None
+    if not isinstance(entries, dict):
+        return {}
+    return {k: v for k, v in entries.items() if isinstance(k, str) and isinstance(v, int)}
+
+
+def _write_cache(cache_file: Path, entries: dict[str, int], today: int) -> None:
+    recent = {k: day for k, day in entries.items() if today - day <= PRUNE_DAYS}
+    if len(recent) > MAX_ENTRIES:
+        recent = dict(sorted(recent.items(), key=lambda kv: kv[1])[-MAX_ENTRIES:])
+    write_json_atomic(cache_file, {"version": CACHE_VERSION, "decodable": recent})
 
 
 def check_decodable(paths: Sequence[str], cache_file: Path | None = None) -> None:
     """Decode every image once before a run builds its model; DatasetError listing all bad files at once.
 
-    Files already seen to decode (same path, size and modification time) are remembered in
-    `cache_file`, so a second run over the same data checks nothing again.
+    Images already seen to decode are remembered in `cache_file` by the hash of their content (not by path
+    or modification time), so a second run over the same data decodes nothing again, and a file changed in
+    place is checked again.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from datasets import DatasetError, load_image
 
-    known: set[str] = set()
-    if cache_file is not None and cache_file.is_file():
-        try:
-            known = set(json.loads(cache_file.read_text()))
-        except (OSError, ValueError):
-            known = set()
-    todo = [p for p in dict.fromkeys(paths) if _stamp_or_none(p) not in known]
-    bad, good = [], []
+    today = int(time.time() // 86400)
+    known = _read_cache(cache_file)
+    unique = list(dict.fromkeys(paths))
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = dict(zip(unique, pool.map(content_digest, unique), strict=True))
+    todo = [p for p in unique if digests[p] is None or digests[p] not in known]
+    bad = []
     quiet = quiet_unless_main().get("disable", False)
     for path in tqdm(todo, desc="check images", unit="image", leave=False, disable=quiet or not todo):
         try:
             load_image(path)
-            good.append(_stamp(path))
         except DatasetError as exc:
             bad.append(f"{path} ({str(exc).split('(')[-1].split(';')[0].rstrip(')')})")
-    if cache_file is not None and good:
-        write_json_atomic(cache_file, sorted(known | set(good)))
+            digests[path] = None
+    seen = {d for d in digests.values() if d is not None}
+    if cache_file is not None and any(known.get(d) != today for d in seen):
+        _write_cache(cache_file, {**known, **dict.fromkeys(seen, today)}, today)
     if bad:
         shown = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
         raise DatasetError(f"{len(bad)} image(s) cannot be read: {shown}. Replace or remove them, then rerun")
-
-
-def _stamp_or_none(path: str) -> str | None:
-    try:
-        return _stamp(path)
-    except OSError:
-        return None

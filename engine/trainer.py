@@ -11,13 +11,16 @@ the global batch.
 from __future__ import annotations
 
 import math
+import pickle
 import signal
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -190,6 +193,39 @@ def _catch_signals():
             signal.signal(s, h)
 
 
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint's tensors and plain values; torch.load with weights_only=True, so that a file crafted to run
+    code on unpickling is refused instead. UserError for a tampered, truncated or corrupt file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} holds more than tensors and plain values (it was not written by this tool, or "
+                        "was altered), so it is not loaded: delete it, or add --overwrite, to start this run "
+                        "again") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise UserError(f"{path} is truncated or corrupt ({_first_line(exc, 120)}): delete it, or add "
+                        "--overwrite, to start this run again") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a checkpoint of this tool: delete it, or add --overwrite, to start this "
+                        "run again")
+    return state
+
+
+def _plain_rng_state(state: dict) -> dict:
+    """RNG states as tensors and plain values (NumPy's key array as a tensor), loadable with weights_only."""
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    return {**state, "python": list(state["python"]),
+            "numpy": [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, cached]}
+
+
+def _native_rng_state(state: dict) -> dict:
+    """The inverse of _plain_rng_state."""
+    version, internal, gauss = state["python"]
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    return {**state, "python": (version, tuple(internal), gauss),
+            "numpy": (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)}
+
+
 def _trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     names = {n for n, p in module.named_parameters() if p.requires_grad}
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items() if k in names}
@@ -253,7 +289,7 @@ class Trainer:
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
                     "scaler": self.scaler.state_dict(),
-                    "rng": rng_state(),
+                    "rng": _plain_rng_state(rng_state()),
                     # time and images of every attempt so far, so that a resumed run's timing adds up
                     "seconds": self._seconds_so_far(),
                     "images": self._images_before + self._images_now,
@@ -267,20 +303,24 @@ class Trainer:
         path = self.checkpoint_path
         if path is None or not path.is_file():
             return 0
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("fingerprint") != self.fingerprint:
+        state = read_checkpoint(path)
+        if state.get("fingerprint") != self.fingerprint:  # before any of it is used
             raise UserError(
                 f"{path} was saved by a run with other settings: rerun the original command to resume it, "
                 "or add --overwrite to start again"
             )
-        missing = self.module.load_state_dict(state["trainable"], strict=False)
-        if any(k in state["trainable"] for k in missing.unexpected_keys):
-            raise UserError(f"{path} does not match this model: add --overwrite to start again")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        self.step = int(state["step"])
+        try:
+            missing = self.module.load_state_dict(state["trainable"], strict=False)
+            if any(k in state["trainable"] for k in missing.unexpected_keys):
+                raise UserError(f"{path} does not match this model: add --overwrite to start again")
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            set_rng_state(_native_rng_state(state["rng"]))
+            self.step = int(state["step"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise UserError(f"{path} is incomplete or damaged ({_first_line(exc, 120)}): delete it, or add "
+                            "--overwrite, to start this run again") from None
         self._seconds_before = float(state.get("seconds", 0.0))
         self._images_before = int(state.get("images", 0))
         self.extra_state.update(state.get("extra", {}))
