@@ -2,7 +2,8 @@
 
 A public CLIP fine-tuning on cytology captions divided pixels by 255 and then let the CLIP processor
 rescale them again, so the image tower saw inputs with a spread of about 0.003 instead of about 1.
-For every model of the registry with a text tower, real Herlev cells (the first image of each class)
+For every model of the registry (every backbone of a key that has several; the CLIP family is where the
+bug was seen), real Herlev cells (the first image of each class)
 go through the toolkit's evaluation preprocessing: ``engine.images`` decoding to uint8 at the model's
 input size, then ``engine.augment.normalise`` with the model's mean and std, as ``engine.run.predict``
 does; and ``ModelSpec.eval_transform`` on the same files. The normalised input must have a per-channel
@@ -25,7 +26,7 @@ import torch
 from datasets import load_image
 from engine.augment import normalise
 from engine.images import decode_resized
-from models import ModelError, load_model, openclip_models
+from models import ModelError, capabilities, load_model
 from models.registry import entries
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,19 +35,18 @@ STD_RANGE = (0.3, 3.0)
 MEAN_RANGE = (-3.0, 3.0)
 
 
-def clip_family() -> list[str]:
-    """Plain registry keys of models with a text tower: an entry's own ``has_text`` where entries say so,
-    else the entries built by the open_clip builders (an image and a text tower)."""
-    keys = []
+def registry_models() -> list[tuple[str, str | None]]:
+    """(key, backbone) of every plain registry entry, every backbone of a key that has several."""
+    pairs = []
     for entry in entries():
-        if entry.namespace:
-            continue  # "timm:<architecture>": image models only
-        has_text = getattr(entry, "has_text", None)
-        if has_text is None:
-            has_text = getattr(entry.build, "__module__", None) == openclip_models.__name__
-        if has_text:
-            keys.append(entry.key)
-    return keys
+        if not entry.namespace:  # "timm:<architecture>": any architecture, no fixed preprocessing
+            pairs += [(entry.key, b) for b in entry.backbones] or [(entry.key, None)]
+    return pairs
+
+
+def clip_family() -> list[str]:
+    """Plain registry keys whose declared capabilities include a text tower."""
+    return list(dict.fromkeys(key for key, backbone in registry_models() if capabilities(key, backbone).has_text))
 
 
 CLIP_FAMILY = clip_family()
@@ -65,7 +65,7 @@ def herlev_cells() -> list[Path]:
     return list(first.values())
 
 
-def build_without_weights(key: str, monkeypatch) -> object:
+def build_without_weights(key: str, monkeypatch, backbone: str | None = None) -> object:
     """The ModelSpec of `key` with random weights: on the meta device where open_clip lets the model stay
     there (its device move skipped), else, and for any failure there, an ordinary build on the CPU."""
     import open_clip.factory
@@ -75,10 +75,10 @@ def build_without_weights(key: str, monkeypatch) -> object:
             patch.setattr(open_clip.factory, "_set_model_device_and_precision", lambda *args, **kwargs: None)
             try:
                 with torch.device("meta"):
-                    return load_model(key, weights="random")
+                    return load_model(key, backbone=backbone, weights="random")
             except Exception:  # noqa: BLE001  (only a shortcut: the CPU build below says what is wrong)
                 pass
-    return load_model(key, weights="random")
+    return load_model(key, backbone=backbone, weights="random")
 
 
 def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -90,13 +90,13 @@ def test_the_registry_has_clip_family_models():
     assert CLIP_FAMILY, "no registry entry has a text tower: the pixel-scale check below checks nothing"
 
 
-@pytest.mark.parametrize("key", CLIP_FAMILY)
-def test_clip_family_inputs_are_scaled_once(key, herlev_cells, monkeypatch):
+@pytest.mark.parametrize(("key", "backbone"), registry_models())
+def test_inputs_are_scaled_once(key, backbone, herlev_cells, monkeypatch):
     try:
-        spec = build_without_weights(key, monkeypatch)
+        spec = build_without_weights(key, monkeypatch, backbone)
     except ModelError as error:
         pytest.skip(f"{key} cannot be built offline here, so its preprocessing is not checked: {error}")
-    assert spec.has_text, f"{key} counts as CLIP-family but its model has no text tower"
+    assert spec.has_text == capabilities(key, backbone).has_text, f"{key}: its text tower is not as declared"
     size, mean, std, transform = spec.input_size, torch.tensor(spec.mean), torch.tensor(spec.std), spec.eval_transform
     del spec  # only the preprocessing is needed
 
