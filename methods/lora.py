@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from lora import LoRASettings, OriginalAttentionLoRA, apply_lora, save_lora
 from methods.heads import ImageClassifier, ImageTextModel, contrastive_loss, linear_head
 from methods.registry import TASKS, Method, Plan, Stage, compat_notes, register
+from tasks import get_task, tasks
 
 _D = LoRASettings()
 
@@ -51,7 +52,7 @@ def build(ctx, s: LoRAMethodSettings, dora: bool = False) -> Plan:
         save_lora(ctx.spec.model, folder / "lora.safetensors", lora)
 
     name = "dora" if dora else "lora"
-    if ctx.split.task == "captions":  # image-text pairs: both towers' adapters and CLIP's scale, contrastively
+    if get_task(ctx.split.task).contrastive:  # image-text pairs: both towers' adapters and CLIP's scale
         model = ImageTextModel(ctx.spec, [ctx.split.captions[path] for path, _ in ctx.split.train])
         stage = Stage(name, model, "images", ctx.paper_steps(), ctx.config.lr,
                       targets=list(range(len(ctx.split.train))), loss=contrastive_loss)
@@ -70,12 +71,13 @@ def experiment(c) -> int:
     """The paper's experiment a run of single-label data is (3: a percentage of the data, 2: few-shot)."""
     from datasets.registry import dataset_task
 
-    if dataset_task(c.dataset, c.root_path) not in (None, "single_label"):
+    task = dataset_task(c.dataset, c.root_path)
+    if task is not None and not get_task(task).exclusive:
         return 0
     return 3 if c.shots == 0 else 2
 
 
-IMAGE_TEXT_DEFAULTS = {"captions": {"encoder": "both"}}  # image-text pairs: adapters in both towers
+IMAGE_TEXT_DEFAULTS = {t.name: {"encoder": "both"} for t in tasks() if t.contrastive}  # adapters in both towers
 
 register(Method(
     tasks=TASKS, task_defaults=IMAGE_TEXT_DEFAULTS,

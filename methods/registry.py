@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from common.errors import UserError
+from tasks import head_tasks, task_names
 
 Inputs = Literal["features", "images"]
-HEAD_TASKS = ("single_label", "multilabel")  # what a method that trains a classification head handles
-TASKS = (*HEAD_TASKS, "captions")  # every kind of data: captions are image-text pairs
+HEAD_TASKS = head_tasks()  # the kinds of task a method that trains a classification head handles
+TASKS = task_names()  # every registered kind of task
 
 
 class MethodError(UserError):
@@ -89,7 +90,7 @@ class Method:
     source: str = ""
     label: Callable[[object], str] | None = None
     paper_experiment: Callable[[object], int] | int = 0
-    tasks: tuple[str, ...] = ("single_label",)  # the data kinds it handles: single_label, multilabel, captions
+    tasks: tuple[str, ...] = ("single_label",)  # the kinds of task it handles (names in tasks/)
     # settings whose default depends on the kind of data, e.g. {"captions": {"encoder": "both"}}
     task_defaults: dict = field(default_factory=dict, hash=False)
 

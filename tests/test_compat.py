@@ -335,7 +335,7 @@ def test_weights_saved_before_compat_existed_load_as_compat_none(tmp_path):
 
     from common.errors import UserError
     from engine.config import RunConfig
-    from engine.run import WEIGHTS_FILE, _identity, load_weights
+    from engine.weights import WEIGHTS_FILE, _identity, load_weights
 
     head = nn.Linear(2, 2)
     ctx = SimpleNamespace(config=RunConfig(method="linear"), split=SimpleNamespace(classes=["a", "b"]))

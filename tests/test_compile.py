@@ -43,7 +43,7 @@ def test_compile_is_a_runtime_field(folder_root, tmp_path):
 
 
 def test_engine_passes_compile_to_the_trainer(folder_root, tmp_path):
-    from engine.run import _train_settings
+    from engine.training import _train_settings
     from methods.registry import Stage
 
     config = parse_config(["--dataset", "folder", "--root_path", str(folder_root), "--model_name", "tiny_clip",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine.config import run_dir
-from engine.run import load_data
+from engine.context import load_data
 from utils import estimate as est
 from utils import sweep
 from utils.cli import parse_config

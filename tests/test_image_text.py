@@ -131,25 +131,24 @@ def test_methods_without_image_text_training_refuse_caption_data(tmp_path):
 
 # -- --select best_val -------------------------------------------------------------------------
 def _validation(scores, every=1, keep_best=True):
-    from engine import run as engine
+    from engine import training
 
     plan = SimpleNamespace(model=torch.nn.Linear(1, 1))
     plan.model.weight.requires_grad_(True)
     ctx = SimpleNamespace(config=SimpleNamespace(select="best_val" if keep_best else "last", eval_every=every),
                           split=SimpleNamespace(task="single_label", val=[("v", 0)]))
     stage = SimpleNamespace(steps=len(scores) * every)
-    return engine.Validation(ctx, plan, stage, every, keep_best, SimpleNamespace(log=lambda *a: None)), plan
+    return training.Validation(ctx, plan, stage, every, keep_best, SimpleNamespace(log=lambda *a: None)), plan
 
 
 def test_best_val_keeps_and_restores_the_state_of_the_best_validation_step(monkeypatch):
-    from engine import run as engine
+    from engine import training
 
     scores = [0.2, 0.7, 0.5, 0.7, float("nan")]
     validation, plan = _validation(scores)
     calls = iter(scores)
-    monkeypatch.setitem(engine.EVALUATORS, "single_label",
-                        lambda ctx, plan, parts, extras: SimpleNamespace(metrics={"val": {
-                            "balanced_accuracy": next(calls)}}))
+    monkeypatch.setattr(training, "evaluate", lambda ctx, plan, parts, extras: SimpleNamespace(metrics={"val": {
+                        "balanced_accuracy": next(calls)}}))
     for step in range(1, len(scores) + 1):
         with torch.no_grad():
             plan.model.weight.fill_(step)  # the state after this step

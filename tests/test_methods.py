@@ -12,7 +12,7 @@ import main
 import main_lora
 from common.errors import UserError
 from engine.config import RunConfig
-from engine.run import RunContext
+from engine.context import RunContext
 from methods import get_method, method_names
 from utils.cli import parse_config
 

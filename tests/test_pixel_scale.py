@@ -5,7 +5,7 @@ rescale them again, so the image tower saw inputs with a spread of about 0.003 i
 For every model of the registry (every backbone of a key that has several; the CLIP family is where the
 bug was seen), real Herlev cells (the first image of each class)
 go through the toolkit's evaluation preprocessing: ``engine.images`` decoding to uint8 at the model's
-input size, then ``engine.augment.normalise`` with the model's mean and std, as ``engine.run.predict``
+input size, then ``engine.augment.normalise`` with the model's mean and std, as ``engine.prediction.predict``
 does; and ``ModelSpec.eval_transform`` on the same files. The normalised input must have a per-channel
 standard deviation of order 1.
 

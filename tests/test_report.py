@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from engine.config import RunConfig, run_dir
-from engine.run import method_settings_of
+from engine.context import method_settings_of
 from evaluation import stats
 from utils.report import ReportError, build_report
 

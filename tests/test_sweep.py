@@ -556,7 +556,7 @@ def test_folds_finished_folds_are_skipped(tmp_path, two_class_root, capsys):
 
 
 def test_folds_estimate_counts_each_fold_on_its_own_split(tmp_path, two_class_root, capsys, monkeypatch):
-    from engine.run import load_data
+    from engine.context import load_data
     from utils import estimate as est
 
     monkeypatch.setattr(est, "measure", lambda *a, **k: pytest.fail("--step_seconds must time nothing"))

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from engine.run import train
 from engine.tracking import Tracker
+from engine.training import train
 from methods import get_method
 from methods.transductive import proportion_penalty
 from tests.test_methods import feature_ctx

@@ -115,7 +115,7 @@ def run_stages(config: RunConfig, split, shape: Shape) -> list[StageSteps]:
     """The training stages of one run, with the engine's own step budgets for its split."""
     import torch
 
-    from engine.run import RunContext
+    from engine.context import RunContext
 
     # A context without a model: the budgets read only the settings and the split.
     ctx = RunContext(config=config, out=run_dir(config), split=split, spec=None, device=torch.device("cpu"),
@@ -168,13 +168,13 @@ def _short(exc: BaseException, limit: int = 160) -> str:
 def _context(config: RunConfig, split):
     """The run's context with its model loaded and synthetic frozen features, plus the build seconds.
 
-    Mirrors engine.run.prepare_context without its checks (every image decodes, the run is not
+    Mirrors engine.context.prepare_context without its checks (every image decodes, the run is not
     finished), which an estimate must not pay for or stop at.
     """
     import torch
 
     from common.seeding import seed_everything
-    from engine.run import RunContext, resolve_device, resolve_precision
+    from engine.context import RunContext, resolve_device, resolve_precision
     from models import load_model
 
     seed_everything(config.seed)
@@ -215,7 +215,7 @@ def _synthetic_batches(ctx, stage, batch: int, times: list[float]):
 
 
 def _prepare(ctx, stage):
-    """How the engine turns a stage's batches into model inputs (as engine.run._batches, which cannot be
+    """How the engine turns a stage's batches into model inputs (as engine.batches.stage_batches, which cannot be
     called here: it decodes the whole train set)."""
     from engine.augment import augment_batch_seeded, normalise
 
@@ -293,7 +293,7 @@ def measure(config: RunConfig, split, batches: dict[str, set[int]], startups: di
 
 def _load(config: RunConfig, split, timing: Timing):
     """The run's context, from its own weights or, where they cannot be loaded here, random ones."""
-    from engine.run import resolve_device
+    from engine.context import resolve_device
 
     resolve_device(config.device)  # a device missing here is no reason to try other weights
     try:
@@ -477,7 +477,7 @@ def _paths_key(c: RunConfig, part: str, items: Sequence) -> tuple[str, int]:
 
 def _load_splits(configs: Iterable[RunConfig], notes: list[str]) -> dict[tuple, object]:
     """Each distinct split once (no model), with what the loader said kept as notes."""
-    from engine.run import load_data
+    from engine.context import load_data
 
     splits: dict[tuple, object] = {}
     for c in configs:
