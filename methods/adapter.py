@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from methods.heads import linear_head
+from methods.heads import LINEAR_HEAD, HeadCodec, describe_linear, linear_head
 from methods.registry import HEAD_TASKS, Method, MethodError, Plan, Stage, register
 from methods.transductive import TransductiveSettings, add_transductive_stage, ti_suffix
 
@@ -36,6 +36,17 @@ class ResidualAdapter(nn.Module):
         return self.head(x + self.up(torch.relu(self.down(x))))
 
 
+def _describe(head: ResidualAdapter) -> dict:
+    return {"dim": head.down.in_features, "hidden": head.down.out_features, "head": describe_linear(head.head)}
+
+
+def _rebuild(facts: dict, state: dict) -> ResidualAdapter:
+    hidden = facts.get("hidden") or max(1, facts["dim"] // facts["reduction"])  # exports before "hidden": reduction
+    module = ResidualAdapter(facts["dim"], 1, LINEAR_HEAD.rebuild(facts["head"], {}))
+    module.down, module.up = nn.Linear(facts["dim"], hidden), nn.Linear(hidden, facts["dim"])
+    return module
+
+
 def build(ctx, s: AdapterSettings) -> Plan:
     head = linear_head(ctx)
     model = ResidualAdapter(ctx.spec.feature_dim, s.reduction, head)
@@ -49,4 +60,5 @@ register(Method(
     settings=AdapterSettings, inputs="features", build=build,
     source="CLIP-Adapter (Gao et al. 2021); feature adapters of few-shot medical studies",
     label=lambda s: f"adapter-red{s.reduction}" + ti_suffix(s),
+    head_codec=HeadCodec("residual_adapter", _describe, _rebuild),
 ))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,6 +64,58 @@ class FixedLogits(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fn(self, x)
+
+
+# -- export: how a method's head is described in model.json and rebuilt from it ------------------------
+@dataclass(frozen=True)
+class HeadCodec:
+    """How ``python -m utils.export`` writes a method's head and rebuilds it (before its tensors are loaded).
+
+    describe(head) -> JSON facts; rebuild(facts, state) -> the head, where `state` holds the head's saved
+    tensors (names relative to the head). A method declares its codec on its registry entry; the default is
+    a plain linear head.
+    """
+
+    kind: str
+    describe: Callable[[nn.Module], dict]
+    rebuild: Callable[[dict, dict], nn.Module]
+
+
+def describe_linear(head: nn.Module) -> dict:
+    if type(head) is not nn.Linear:
+        raise UserError(f"cannot export a {type(head).__name__} head as a linear one: its method does not say how "
+                        "to rebuild it (give its registry entry a head codec)")
+    return {"in_features": head.in_features, "out_features": head.out_features}
+
+
+LINEAR_HEAD = HeadCodec("linear", describe_linear, lambda facts, state: nn.Linear(facts["in_features"],
+                                                                                  facts["out_features"]))
+
+
+def _describe_cosine(head: CosineHead) -> dict:
+    return {"classes": head.weight.shape[0], "dim": head.weight.shape[1]}
+
+
+COSINE_HEAD = HeadCodec("cosine", _describe_cosine,
+                        lambda facts, state: CosineHead(torch.zeros(facts["classes"], facts["dim"]), 1.0))
+
+
+def fixed_logits_codec(fn: Callable) -> HeadCodec:
+    """The codec of a method whose classifier is ``FixedLogits(fn, ...)``: its buffers and plain attributes are
+    saved; the function is the method's own (never named in the file)."""
+
+    def describe(head: FixedLogits) -> dict:
+        attributes = {k: v for k, v in vars(head).items()
+                      if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str))}
+        return {"attributes": attributes}
+
+    def rebuild(facts: dict, state: dict) -> FixedLogits:
+        head = FixedLogits(fn, **{k: torch.empty_like(v) for k, v in state.items()})
+        for name, value in facts.get("attributes", {}).items():
+            setattr(head, name, value)
+        return head
+
+    return HeadCodec("fixed_logits", describe, rebuild)
 
 
 class ImageTextModel(nn.Module):

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from methods.heads import FixedLogits
+from methods.heads import FixedLogits, fixed_logits_codec
 from methods.registry import Method, MethodError, Plan, register
 
 
@@ -46,4 +46,5 @@ register(Method(
     settings=KNNSettings, inputs="features", build=build, trains=False,
     source="kNN evaluation of frozen features (DINO, Caron et al. 2021)",
     label=lambda s: f"knn-k{s.k}",
+    head_codec=fixed_logits_codec(_logits)
 ))

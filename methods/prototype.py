@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 
-from methods.heads import CosineHead, class_means
+from methods.heads import COSINE_HEAD, CosineHead, class_means
 from methods.registry import Method, MethodError, Plan, Stage, register
 from methods.transductive import TransductiveSettings, add_transductive_stage, ti_suffix
 
@@ -31,4 +31,5 @@ register(Method(
     settings=PrototypeSettings, inputs="features", build=build,
     source="cosine classifiers of few-shot learning (Chen et al. 2019, Baseline++)",
     label=lambda s: "prototype" + ti_suffix(s),
+    head_codec=COSINE_HEAD
 ))

@@ -93,6 +93,9 @@ class Method:
     tasks: tuple[str, ...] = ("single_label",)  # the kinds of task it handles (names in tasks/)
     # settings whose default depends on the kind of data, e.g. {"captions": {"encoder": "both"}}
     task_defaults: dict = field(default_factory=dict, hash=False)
+    # how python -m utils.export describes and rebuilds the method's head (methods.heads.HeadCodec); None: a plain
+    # linear head. Kept untyped so that this file imports no torch.
+    head_codec: typing.Any = None
 
     @property
     def entry_point(self) -> str:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from methods.heads import FixedLogits, class_means
+from methods.heads import FixedLogits, class_means, fixed_logits_codec
 from methods.registry import Method, Plan, register
 
 
@@ -35,4 +35,5 @@ register(Method(
     name="simpleshot", description="no training: centred L2-normalised nearest class mean",
     settings=SimpleShotSettings, inputs="features", build=build, trains=False,
     source="SimpleShot (Wang et al. 2019)",
+    head_codec=fixed_logits_codec(_logits)
 ))

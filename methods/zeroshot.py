@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 
-from methods.heads import FixedLogits, class_text_embeddings
+from methods.heads import FixedLogits, class_text_embeddings, fixed_logits_codec
 from methods.registry import Method, Plan, register
 
 # CLIP-style templates for the optional ensemble; the dataset's own prompt is always the first.
@@ -41,4 +41,5 @@ register(Method(
     settings=ZeroShotSettings, inputs="features", build=build, trains=False,
     source="CLIP (Radford et al. 2021); the zero-shot baseline of few-shot medical adaptation studies",
     label=lambda s: "zeroshot-ensemble" if s.ensemble else "zeroshot",
+    head_codec=fixed_logits_codec(_logits)
 ))

@@ -5,7 +5,8 @@
 
 The folder holds `model.safetensors` (the state dict of ``methods.heads.ImageClassifier``: the
 backbone under ``backbone.``, the head under ``head.``) and `model.json` (model key, backbone,
-weights source, classes, preprocessing, method and settings, and the head's architecture).
+weights source, classes, preprocessing, method and settings, the head's architecture, and what the outputs
+mean: the run's task, the activation to apply and, for multi-label runs, the thresholds chosen on validation).
 `load_exported` rebuilds the architecture with ``models.load_model(key, backbone=..., weights="random")``
 and loads the state dict into it.
 """
@@ -13,7 +14,6 @@ and loads the state dict into it.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -28,72 +28,41 @@ MODEL_FILE = "model.safetensors"
 INFO_FILE = "model.json"
 FORMAT = "cytology-lora-export"
 FORMAT_VERSION = 1
-# Fixed-logit heads (zero-shot, SimpleShot, kNN) name their logit function; only the methods' own load.
-FUNCTION_PACKAGE = "methods."
 
 
-# -- heads as data ---------------------------------------------------------------------------
-def describe_head(head: nn.Module, settings: dict) -> dict:
-    """What rebuilds `head` (before its state dict is loaded): its kind and constructor facts."""
-    from methods.adapter import ResidualAdapter
-    from methods.heads import CosineHead, FixedLogits
+# -- heads: described and rebuilt by the method that made them -----------------------------------
+def head_codec(method_name: str):
+    """The head codec of a registered method (methods.heads.HeadCodec; a linear head when it declares none)."""
+    from methods import get_method
+    from methods.heads import LINEAR_HEAD
 
-    if isinstance(head, nn.Linear):
-        return {"kind": "linear", "in_features": head.in_features, "out_features": head.out_features}
-    if isinstance(head, ResidualAdapter):
-        return {"kind": "residual_adapter", "dim": head.down.in_features, "reduction": int(settings["reduction"]),
-                "head": describe_head(head.head, settings)}
-    if isinstance(head, CosineHead):
-        return {"kind": "cosine", "classes": head.weight.shape[0], "dim": head.weight.shape[1]}
-    if isinstance(head, FixedLogits):
-        fn = head._fn
-        attributes = {k: v for k, v in vars(head).items()
-                      if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str))}
-        return {"kind": "fixed_logits", "function": f"{fn.__module__}:{fn.__qualname__}", "attributes": attributes}
-    raise UserError(f"cannot export a {type(head).__name__} head: export knows linear, residual adapter, cosine "
-                    "and fixed-logit heads; add yours to utils/export.py (describe_head and build_head)")
+    return get_method(method_name).head_codec or LINEAR_HEAD
 
 
-def build_head(info: dict, state: dict[str, torch.Tensor]) -> nn.Module:
-    """The head `describe_head` described; `state` (the head's tensors) gives fixed-logit buffers their shapes."""
-    from methods.adapter import ResidualAdapter
-    from methods.heads import CosineHead, FixedLogits
-
-    kind = info.get("kind")
-    if kind == "linear":
-        return nn.Linear(info["in_features"], info["out_features"])
-    if kind == "residual_adapter":
-        inner = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
-        return ResidualAdapter(info["dim"], info["reduction"], build_head(info["head"], inner))
-    if kind == "cosine":
-        return CosineHead(torch.zeros(info["classes"], info["dim"]), 1.0)
-    if kind == "fixed_logits":
-        head = FixedLogits(_function(info["function"]), **{k: torch.empty_like(v) for k, v in state.items()})
-        for name, value in info.get("attributes", {}).items():
-            setattr(head, name, value)
-        return head
-    raise UserError(f"unknown head kind {kind!r} in {INFO_FILE}: export it again with this version of the toolkit")
+def describe_head(method_name: str, head: nn.Module) -> dict:
+    """What rebuilds `head` (before its state dict is loaded): its kind and the facts its method needs."""
+    codec = head_codec(method_name)
+    return {"kind": codec.kind, **codec.describe(head)}
 
 
-def _function(path: str):
-    module, _, name = path.partition(":")
-    if not module.startswith(FUNCTION_PACKAGE):
-        raise UserError(f"{INFO_FILE} names the logit function {path}, outside {FUNCTION_PACKAGE}: refusing to "
-                        "import it; export the run again")
-    target = importlib.import_module(module)
-    for part in name.split("."):
-        target = getattr(target, part)
-    return target
+def build_head(method_name: str, info: dict, state: dict[str, torch.Tensor]) -> nn.Module:
+    """The head `describe_head` described; `state` (the head's tensors) gives buffers their shapes."""
+    codec = head_codec(method_name)
+    if info.get("kind") != codec.kind:
+        raise UserError(f"{INFO_FILE} describes a {info.get('kind')!r} head, and method {method_name} builds "
+                        f"{codec.kind!r} heads: export the run again with this version of the toolkit")
+    return codec.rebuild(info, state)
 
 
 # -- export ------------------------------------------------------------------------------------
 def exported_classifier(ctx, plan) -> tuple[nn.Module, bool]:
-    """The run's classifier as images -> logits, with any LoRA merged into the backbone (in place).
+    """The run's classifier as images -> logits, with its adapters (LoRA, DoRA, singular values) merged into the
+    backbone (in place).
 
     Returns the module (``ImageClassifier``: ``backbone`` = the model spec's module, ``head``) and
     whether LoRA layers were merged. `ctx, plan` come from ``utils.cli.open_run``.
     """
-    from lora import lora_layers, merge_lora
+    from lora.merge import has_adapters, merge_adapters
     from methods.heads import ImageClassifier
 
     if plan.inputs == "features":
@@ -101,18 +70,19 @@ def exported_classifier(ctx, plan) -> tuple[nn.Module, bool]:
     if not isinstance(plan.model, ImageClassifier) or plan.model.backbone is not ctx.spec.model:
         raise UserError(f"cannot export the {type(plan.model).__name__} of method {ctx.config.method}: export "
                         "knows image methods built as methods.heads.ImageClassifier")
-    merged = bool(list(lora_layers(ctx.spec.model)))
-    ctx.spec.model = merge_lora(ctx.spec.model)
+    merged = has_adapters(ctx.spec.model)
+    ctx.spec.model = merge_adapters(ctx.spec.model)
     plan.model.backbone = ctx.spec.model
     return plan.model, merged
 
 
 def export_info(ctx, plan, merged: bool, head: dict) -> dict:
-    """model.json: what the exported module is, how to feed it and where it came from."""
+    """model.json: what the exported module is, how to feed it, what its outputs mean (the run's task:
+    activation, thresholds) and where it came from."""
     spec, config = ctx.spec, ctx.config
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "inputs": "images (B, 3, S, S): RGB in [0, 1], then (x - mean) / std; outputs logits (B, classes)",
+        "inputs": "images (B, 3, S, S): RGB in [0, 1], then (x - mean) / std",
         "model": {"key": spec.key, "backbone": spec.backbone, "weights": spec.weights,
                   "architecture": spec.architecture, "feature_dim": spec.feature_dim},
         "classes": list(ctx.split.classes),
@@ -126,18 +96,30 @@ def export_info(ctx, plan, merged: bool, head: dict) -> dict:
     }
 
 
+def task_facts(ctx) -> dict:
+    """What the run's task says about the classifier's outputs (task, activation, thresholds); refuses tasks
+    whose runs have no classifier to export."""
+    from engine.results import RESULTS_FILE, read_results
+    from tasks import get_task
+
+    task = get_task(ctx.split.task)
+    record = read_results(Path(ctx.out) / RESULTS_FILE) if (Path(ctx.out) / RESULTS_FILE).is_file() else {}
+    return task.export_info(record)
+
+
 def export_run(ctx, plan, out: str | Path) -> Path:
     """Write model.safetensors, then model.json (last: its presence means a complete export); the folder."""
     from safetensors.torch import save_model
 
     out = Path(out).expanduser()
+    facts = task_facts(ctx)  # before anything is merged or written: a task without a classifier is refused here
     module, merged = exported_classifier(ctx, plan)
-    head = describe_head(module.head, dict(ctx.config.method_settings or {}))
+    head = describe_head(ctx.config.method, module.head)
     module.to("cpu").eval()
     (out / INFO_FILE).unlink(missing_ok=True)  # an overwritten export is never half old, half new
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
     atomic_write(out / MODEL_FILE, lambda tmp: save_model(module, str(tmp), metadata=metadata))
-    write_json_atomic(out / INFO_FILE, export_info(ctx, plan, merged, head))
+    write_json_atomic(out / INFO_FILE, {**export_info(ctx, plan, merged, head), **facts})
     return out
 
 
@@ -161,7 +143,7 @@ def load_exported(folder: str | Path, device: str | torch.device = "cpu") -> tup
     head_state = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
     model = info["model"]
     spec = load_backbone(model["key"], backbone=model.get("backbone"), weights="random")
-    module = ImageClassifier(spec, build_head(info["head"], head_state))
+    module = ImageClassifier(spec, build_head(info.get("method", ""), info["head"], head_state))
     missing, unexpected = load_model(module, str(path), strict=False)
     if missing or unexpected:
         what = f"{len(missing)} missing (e.g. {sorted(missing)[0]})" if missing else ""

@@ -3,8 +3,10 @@
     python -m utils.predict --run results/runs/folder/.../seed1-ab12cd34 --images new_cells/ --out predictions.csv
     python -m utils.predict --run RUN_FOLDER --images cells.csv     # a `path` column, relative to the CSV
 
-Writes `path,pred,p_<class>...`: one row per image, the predicted class name and one softmax
-probability per class, in the run's class order.
+Writes `path,pred,p_<class>...`: one row per image, the prediction and one probability per class, in the
+run's class order, as the run's task defines them: single-label runs the most probable class and softmax
+probabilities; multi-label runs the labels (joined by ';') whose sigmoid probability reaches the threshold
+chosen on the run's validation set; image-text runs the class whose prompt the image matches best.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import csv
 import io
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -85,7 +88,9 @@ def _csv_images(path: Path) -> list[tuple[str, str]]:
 @torch.no_grad()
 def predict_paths(ctx, plan, paths: Sequence[str], batch_size: int | None = None,
                   num_workers: int | None = None, desc: str = "predict") -> torch.Tensor:
-    """Softmax probabilities (N, C), float32 on the CPU, of the run's classifier on the images at `paths`.
+    """Probabilities (N, C), float32 on the CPU, of the run's classifier on the images at `paths`, through its
+    task's activation (softmax for single-label runs, a sigmoid per label for multi-label runs; image-text
+    runs through the class prompts).
 
     `ctx, plan` come from ``utils.cli.open_run``. Images are preprocessed as the run evaluated its
     test set (whole image resized bicubic to the input size, normalised), and a feature method's head
@@ -94,34 +99,47 @@ def predict_paths(ctx, plan, paths: Sequence[str], batch_size: int | None = None
     from engine.augment import normalise
     from engine.images import iterate_batches
     from engine.trainer import autocast
+    from tasks import get_task
 
+    task = get_task(ctx.split.task)
     config, device = ctx.config, ctx.device
     batch_size = batch_size or config.batch_size
     workers = config.num_workers if num_workers is None else num_workers
     ctx.spec.model.to(device).eval()
     plan.model.to(device).eval()
+    score = task.scorer(ctx, plan) if task.scorer else None
     mean, std, on_features = ctx.mean, ctx.std, plan.inputs == "features"
     batches = iterate_batches([(str(p), 0) for p in paths], ctx.spec.input_size, batch_size, workers)
     out = []
     for images, _ in tqdm(batches, total=-(-len(paths) // batch_size), desc=desc, unit="batch"):
         x = normalise(images.to(device), mean, std)
         with autocast(device, ctx.precision):
-            x = ctx.spec.encode_image(x) if on_features else plan.model(x)
-        if on_features:
+            if score is not None:
+                x = score(x)
+            elif on_features:
+                x = ctx.spec.encode_image(x)
+            else:
+                x = plan.model(x)
+        if on_features and score is None:
             x = plan.model(x.float())  # the head sees float32 features, as in the run
-        out.append(x.float().softmax(dim=1).cpu())
+        out.append(activate(task.activation, x.float()).cpu())
     return torch.cat(out) if out else torch.zeros(0, len(ctx.split.classes))
 
 
-def predictions_csv(names: Sequence[str], probs: torch.Tensor, classes: Sequence[str]) -> str:
-    """`path,pred,p_<class>...` text: the predicted class name and each class probability (6 significant digits)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "pred", *(f"p_{c}" for c in classes)])
-    for name, row in zip(names, probs.tolist(), strict=True):
-        best = max(range(len(row)), key=row.__getitem__)
-        writer.writerow([name, classes[best], *(format(p, ".6g") for p in row)])
-    return buffer.getvalue()
+def activate(activation: str, outputs: torch.Tensor) -> torch.Tensor:
+    """The task's output activation: class probabilities (softmax) or per-label probabilities (sigmoid)."""
+    return outputs.sigmoid() if activation == "sigmoid" else outputs.softmax(dim=1)
+
+
+def predictions_csv(ctx, names: Sequence[str], probs: torch.Tensor) -> str:
+    """The task's `path,pred,p_<class>...` text for these images (multi-label: the labels that reach the run's
+    validation thresholds)."""
+    from engine.results import RESULTS_FILE, read_results
+    from tasks import get_task
+
+    record_path = Path(ctx.out) / RESULTS_FILE
+    record = read_results(record_path) if record_path.is_file() else {}
+    return get_task(ctx.split.task).predictions_csv(names, probs, list(ctx.split.classes), record)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -164,10 +182,10 @@ def run(args: argparse.Namespace) -> int:
     check_decodable(paths, cache_root().parent / "decodable.json")  # all bad files named at once
     ctx, plan = open_run(folder, run_overrides(args))
     probs = predict_paths(ctx, plan, paths, args.batch_size, args.num_workers)
-    classes = list(ctx.split.classes)
-    write_text_atomic(out, predictions_csv([name for _, name in images], probs, classes))
-    counts = torch.bincount(probs.argmax(dim=1), minlength=len(classes)).tolist()
-    print(f"{len(images)} image(s): " + ", ".join(f"{c} {n}" for c, n in zip(classes, counts, strict=True)))
+    text = predictions_csv(ctx, [name for _, name in images], probs)
+    write_text_atomic(out, text)
+    counts = Counter(label for row in csv.DictReader(io.StringIO(text)) for label in row["pred"].split(";") if label)
+    print(f"{len(images)} image(s): " + ", ".join(f"{c} {counts[c]}" for c in ctx.split.classes))
     print(f"predictions: {out}")
     return 0
 
