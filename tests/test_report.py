@@ -295,3 +295,51 @@ def test_folds_are_replicates_like_seeds(tmp_path):
     (row,) = read_csv(tmp_path / "report" / "summary.csv")
     assert row["n_seeds"] == "6" and row["seeds"] == "1/fold0;1/fold1;1/fold2;2/fold0;2/fold1;2/fold2"
     assert float(row["test_balanced_accuracy_mean"]) == pytest.approx(0.66)
+
+
+def patch_results(folder: Path, **fields) -> dict:
+    """Update a written results.json with `fields` (top-level keys) and return it."""
+    path = folder / "results.json"
+    data = json.loads(path.read_text())
+    data.update(fields)
+    path.write_text(json.dumps(data))
+    return data
+
+
+def test_the_report_asks_each_run_its_task(tmp_path, monkeypatch):
+    """Headline, its name, the metric columns and the chance level all come from the task named in results.json."""
+    from tasks import Task, registry
+
+    kappa = Task(name="ordinal_for_test", description="a test task", headline="qwk", headline_name="weighted kappa",
+                 summary=(), report_metrics=("qwk", "mae"), evaluate=lambda *a, **k: None, chance=lambda n: 1 / (2 * n))
+    monkeypatch.setitem(registry._TASKS, kappa.name, kappa)
+    for seed, qwk in ((1, 0.4), (2, 0.6)):
+        folder = write_run(tmp_path, seed, 0.5, shots=4)
+        patch_results(folder, task=kappa.name, headline="qwk",
+                      metrics={"val": {"qwk": 0.5, "mae": 1.0}, "test": {"qwk": qwk, "mae": 0.5 + seed}})
+    build_report(tmp_path, plots=False)
+    (row,) = read_csv(tmp_path / "report" / "summary.csv")
+    assert float(row["test_qwk_mean"]) == pytest.approx(0.5) and float(row["test_mae_mean"]) == pytest.approx(2.0)
+    assert not any(k.startswith("test_accuracy") or k.startswith("test_balanced") for k in row)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "(chance level of the headline metric: 25.0)" in md  # 1 / (2 x 2 classes), in percent
+    assert "| Arm | Data | qwk | mae | lr | seeds |" in md
+    assert "test weighted kappa (%)" in md and "## Accuracy" not in md
+
+
+def test_a_run_of_an_unknown_task_is_a_one_line_error_naming_it(tmp_path):
+    folder = write_run(tmp_path, 1, 0.6)
+    patch_results(folder, task="no_such_task")
+    with pytest.raises(ReportError, match="no_such_task") as info:
+        build_report(tmp_path, plots=False)
+    assert str(folder / "results.json") in str(info.value) and "\n" not in str(info.value)
+
+
+def test_no_task_is_named_in_the_report_code():
+    """The report asks the task: no task's name or headline key is written in utils/report/."""
+    from tasks import tasks
+
+    literals = {f'"{t.name}"' for t in tasks()} | {f'"{t.headline}"' for t in tasks()}
+    for path in sorted((REPO / "utils" / "report").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert not [lit for lit in literals if lit in text], path

@@ -7,10 +7,10 @@ writes, into ``OUTPUT_DIR/report`` unless ``--out`` says otherwise:
 - ``summary.csv``: one row per setting (every config field that changes results, except the seed)
   with the seeds, the raw per-seed test metrics and their mean, std and 95% t-interval;
 - ``summary_lr_selected.csv`` (when a setting was run with several learning rates): the lr chosen
-  per setting on mean validation balanced accuracy, never on test;
+  per setting on the mean validation headline metric (the one the runs' task names), never on test;
 - ``paired.csv``: every method against the baseline method (``--baseline``, default linear), and
   pretrained against random weights or one model against another, on the same data and seeds: the
-  mean difference of test balanced accuracy with its paired t-interval;
+  mean difference of the test headline metric with its paired t-interval;
 - PNG plots and ``report.md`` with the tables laid out like the paper's.
 
 Runs whose settings or schema versions differ are never averaged together. An unreadable or

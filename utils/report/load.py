@@ -10,13 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import UserError
+from datasets.base import Listing
 from engine import results as res
 from engine.config import DERIVED_FIELDS, RUNTIME_FIELDS, RunConfig, method_label, model_label
+from methods import get_method
+from tasks import Task, get_task
 
 RESULTS_FILE = res.RESULTS_FILE
-HEADLINE = "headline"  # pseudo-metric: each run's own headline (balanced accuracy, or mean AUROC)
-HEADLINE_NAMES = {"balanced_accuracy": "balanced accuracy", "macro_auroc": "mean AUROC",
-                  "recall@1": "recall@1 (mean of image-to-text and text-to-image)"}
+HEADLINE = "headline"  # pseudo-metric: each run's own headline (the one its task names)
+# results.json written before runs recorded their task hold the datasets' default kind (one class per image)
+DEFAULT_TASK = Listing.task
 # What two arms must share to be paired: the same data (the first is the one shown).
 CONTEXT_FIELDS = ("dataset", "level", "shots", "percentage", "dataset_name", "root_path", "level_fallback",
                   "protocol", "label_map")
@@ -59,9 +62,21 @@ class Run:
         return self.data.get("schema_version")
 
     @property
+    def task(self) -> Task:
+        """The kind of task the run was (results.json's ``task``; the datasets' default kind when absent)."""
+        return get_task(self.data.get("task") or DEFAULT_TASK)
+
+    @property
     def headline(self) -> str:
-        """The metric this run is compared on: balanced accuracy, or mean AUROC for multi-label data."""
-        return self.data.get("headline", "balanced_accuracy")
+        """The metric this run is compared on: the one results.json names, else its task's headline."""
+        return self.data.get("headline") or self.task.headline
+
+    @property
+    def budget_intended(self) -> bool:
+        """Whether the run trained for its method's intended step budget (results.json ``budget.intended``;
+        runs that do not say are taken as intended)."""
+        budget = self.data.get("budget")
+        return not (isinstance(budget, dict) and budget.get("intended") is False)
 
     def metric(self, split: str, name: str) -> float:
         """A metric of one split; HEADLINE stands for the run's headline metric."""
@@ -84,9 +99,24 @@ class Group:
         return [run.metric(split, name) for run in self.runs]
 
     @property
+    def task(self) -> Task:
+        return self.runs[0].task
+
+    @property
     def headline(self) -> str:
         """The display name of the metric this setting is compared on."""
-        return HEADLINE_NAMES.get(self.runs[0].headline, self.runs[0].headline)
+        run = self.runs[0]
+        return run.task.headline_name if run.headline == run.task.headline else run.headline
+
+    @property
+    def headline_key(self) -> str:
+        """The key of the metric this setting is compared on (for file names)."""
+        return self.runs[0].headline
+
+    @property
+    def lr(self) -> float | None:
+        """The learning rate, or None for a method that trains nothing (it has none to show)."""
+        return learning_rate(self.config)
 
 
 # ---------------------------------------------------------------- reading
@@ -110,7 +140,18 @@ def _read_one(path: Path) -> Run:
         data = res.read_results(path)
     except res.ResultsError as exc:
         raise ReportError(f"{exc}, or pass --skip_invalid") from None
+    try:
+        get_task(data.get("task") or DEFAULT_TASK)
+    except UserError as exc:
+        raise ReportError(f"{path}: {exc}; update the tool, or pass --skip_invalid") from None
     return Run(path, data, dict(data["config"]))
+
+
+def learning_rate(config: RunConfig) -> float | None:
+    """The run's learning rate, or None when its method trains nothing (a recorded lr would mean nothing)."""
+    if config.lr is None or not get_method(config.method).trains:
+        return None
+    return float(config.lr)
 
 
 def load_runs(root: str | Path, skip_invalid: bool = False) -> list[Run]:
@@ -174,8 +215,8 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
 def _group_order(group: Group) -> tuple:
     c = group.config
     data = (0, c.shots if c.shots >= 0 else 10**9) if c.percentage is None else (1, c.percentage)
-    return (c.experiment, c.dataset_name or c.dataset, c.level or "", model_label(c), method_label(c), data, c.lr,
-            _freeze(group.key))
+    return (c.experiment, c.dataset_name or c.dataset, c.level or "", model_label(c), method_label(c), data,
+            -1.0 if c.lr is None else c.lr, _freeze(group.key))
 
 
 def varying_fields(groups: Sequence[Group]) -> list[str]:

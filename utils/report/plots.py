@@ -12,7 +12,7 @@ from pathlib import Path
 from engine.config import RunConfig, data_label, method_label, model_label
 from evaluation.stats import Summary, summarize
 from utils.report.load import HEADLINE, RESULTS_FILE, Group, ReportError, _read_one, arm_label
-from utils.report.tables import _arm_rank, _column_label, _column_order, by_dataset, by_slot
+from utils.report.tables import _arm_rank, _column_label, _column_order, by_dataset, by_slot, chance_level
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 LINESTYLES = ("-", "--", ":", "-.")
@@ -86,7 +86,7 @@ def plot_curves(groups: Sequence[Group], varying: Sequence[str], out: Path) -> l
             ax.set_title(f"{dataset}: mean and 95% CI over seeds")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-            name = f"balanced_accuracy_vs_{'percentage' if percentage else 'shots'}_{_safe(dataset)}.png"
+            name = f"{_safe(members[0].headline_key)}_vs_{'percentage' if percentage else 'shots'}_{_safe(dataset)}.png"
             written.append(_save(fig, out / name))
     return written
 
@@ -97,12 +97,8 @@ def _clip(bound: float, mean: float) -> float:
 
 
 def _chance(members: Sequence[Group]) -> float | None:
-    """The chance level of the headline metric: 1/C for balanced accuracy, 0.5 for mean AUROC."""
-    run = members[0].runs[0]
-    if run.headline == "macro_auroc":
-        return 0.5
-    classes = run.data.get("classes") or []
-    return 1 / len(classes) if classes else None
+    """The chance level of the headline metric, as the runs' task defines it."""
+    return chance_level(members[0])
 
 
 def draw_confusion(ax, matrix: list[list[int]], classes: Sequence[str], fontsize: int) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 
 from engine.config import RunConfig, method_label, model_label
 from engine.results import PREDICTIONS_FILE
-from evaluation.stats import paired_bootstrap, summarize, two_level_paired_bootstrap
+from evaluation.stats import ROW_METRICS, paired_bootstrap, summarize, two_level_paired_bootstrap
 from utils.report.load import (
     CONTEXT_FIELDS,
     HEADLINE,
@@ -25,11 +25,6 @@ from utils.report.load import (
     arm_label,
 )
 
-METRICS = {"balanced_accuracy": ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece"),
-           "macro_auroc": ("macro_auroc", "mAP", "macro_f1", "exact_match"),
-           "recall@1": ("recall@1", *(f"{d}_recall@{k}" for d in ("image_to_text", "text_to_image")
-                                      for k in (1, 5, 10)), "zeroshot_accuracy")}  # per headline metric
-
 
 def summary_row(group: Group, varying: Sequence[str]) -> dict:
     """One summary.csv row: the setting, its seeds, raw values and statistics of each test metric."""
@@ -37,14 +32,14 @@ def summary_row(group: Group, varying: Sequence[str]) -> dict:
     row: dict = {
         "experiment": c.experiment, "method": method_label(c), "dataset": _dataset_name(c), "level": c.level or "",
         "model": model_label(c), "shots": c.shots, "percentage": "" if c.percentage is None else c.percentage,
-        "lr": c.lr,
+        "lr": "" if group.lr is None else group.lr,
     }
     for name in varying:
         row[name] = _display(group.key.get(name))
     row["schema_version"] = _display(group.key.get("schema_version"))
     row["n_seeds"] = len(group.runs)
     row["seeds"] = ";".join(r.replicate_label for r in group.runs)
-    for name in METRICS.get(group.runs[0].headline, METRICS["balanced_accuracy"]):
+    for name in group.task.report_metrics:
         values = group.values("test", name)
         s = summarize(values)
         row.update({f"test_{name}_mean": s.mean, f"test_{name}_std": s.std, f"test_{name}_ci_low": s.ci_low,
@@ -80,11 +75,11 @@ def select_lr(groups: Sequence[Group]) -> tuple[list[Group], dict[int, list[floa
 
         def score(g: Group) -> tuple[float, float]:
             val = summarize(g.values("val", HEADLINE)).mean
-            return (-math.inf if math.isnan(val) else val, -g.config.lr)
+            return (-math.inf if math.isnan(val) else val, -(g.lr or 0.0))
 
         best = max(options, key=score)
         chosen.append(best)
-        candidates[id(best)] = sorted(g.config.lr for g in options)
+        candidates[id(best)] = sorted(g.lr for g in options if g.lr is not None)
     return sorted(chosen, key=_group_order), candidates
 
 
@@ -124,7 +119,7 @@ def _pair_kind(a: Group, b: Group, baseline: str) -> str | None:
 
 
 def _pair_values(a: Group, b: Group) -> tuple[list[int], list[float], list[float], int]:
-    """Test balanced accuracy of a and b on their common seeds whose splits match."""
+    """The test headline metric of a and b on their common seeds whose splits match."""
     runs_b = {r.replicate: r for r in b.runs}
     seeds, va, vb, mismatched = [], [], [], 0
     for run in a.runs:
@@ -155,12 +150,14 @@ def _test_predictions(run: Run) -> tuple[list[str], np.ndarray, np.ndarray] | No
 
 
 def case_bootstrap(a: Group, b: Group, seeds: Sequence[int], n_resamples: int, seed: int):
-    """The two-level (seeds, then test images) paired bootstrap of test balanced accuracy, from the runs'
-    predictions.csv; None when a run has none or the two arms were not scored on the same images."""
+    """The two-level (seeds, then test images) paired bootstrap of the test headline metric, from the runs'
+    predictions.csv; None when a run has none, the two arms were not scored on the same images, or the
+    headline is not a metric of one predicted class per image (evaluation.stats.ROW_METRICS)."""
     runs_a, runs_b = {r.replicate: r for r in a.runs}, {r.replicate: r for r in b.runs}
     preds_a, preds_b, labels = [], [], []
-    if runs_a[seeds[0]].headline != "balanced_accuracy":
-        return None  # the case bootstrap recomputes balanced accuracy from single-label predictions
+    first = runs_a[seeds[0]]
+    if not first.task.exclusive or first.headline not in ROW_METRICS:
+        return None  # recomputed from one predicted class per image and its label
     for s in seeds:
         pa, pb = _test_predictions(runs_a[s]), _test_predictions(runs_b[s])
         if pa is None or pb is None or pa[0] != pb[0] or not np.array_equal(pa[1], pb[1]):
@@ -169,7 +166,7 @@ def case_bootstrap(a: Group, b: Group, seeds: Sequence[int], n_resamples: int, s
         preds_b.append(pb[2])
         labels.append(pa[1])
     return two_level_paired_bootstrap(preds_a, preds_b, n_resamples=n_resamples, seed=seed,
-                                      metric="balanced_accuracy", labels=labels)
+                                      metric=first.headline, labels=labels)
 
 
 def paired_rows(groups: Sequence[Group], varying: Sequence[str], n_resamples: int = 10_000,
@@ -202,7 +199,8 @@ def paired_rows(groups: Sequence[Group], varying: Sequence[str], n_resamples: in
                     "dataset": context[4] or context[0], "level": context[1], "shots": context[2],
                     "percentage": context[3],
                     "comparison": kind, "a": arm_label(a, varying), "b": arm_label(b, varying),
-                    "lr_a": a.config.lr, "lr_b": b.config.lr, "metric": f"test {a.headline}",
+                    "lr_a": "" if a.lr is None else a.lr, "lr_b": "" if b.lr is None else b.lr,
+                    "metric": f"test {a.headline}",
                     "n_seeds": d.n, "seeds": ";".join(f"{s}" if f < 0 else f"{s}/fold{f}" for s, f in seeds),
                     "a_mean": summarize(va).mean, "b_mean": summarize(vb).mean, "mean_diff": d.mean,
                     "t_low": d.t_low, "t_high": d.t_high,
@@ -325,16 +323,14 @@ def setting_table(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
     """One row per setting: every test metric as mean ± t half-width, the lr, the seeds and the chance level."""
     lines: list[str] = []
     for dataset, members in by_dataset(groups):
-        headline = members[0].runs[0].headline
-        metrics = METRICS.get(headline, METRICS["balanced_accuracy"])
-        chance = _chance(headline, members[0])
-        lines += [f"### {dataset} (chance level of the headline metric: {chance})", "",
+        metrics = members[0].task.report_metrics
+        lines += [f"### {dataset} (chance level of the headline metric: {_chance(members[0])})", "",
                   "| Arm | Data | " + " | ".join(metrics) + " | lr | seeds |",
                   "|---|---|" + "---|" * len(metrics) + "---|---|"]
         for g in sorted(members, key=lambda g: (_column_order(g.config), _arm_rank(g))):
             cells = [_cell(g, m, len(g.runs)) for m in metrics]
             lines.append(f"| {arm_label(g, varying)} | {_column_label(g.config)} | " + " | ".join(cells)
-                         + f" | {g.config.lr:g} | {len(g.runs)} |")
+                         + f" | {_lr_text(g)} | {len(g.runs)} |")
         lines.append("")
     return lines
 
@@ -359,24 +355,30 @@ def recall_table(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
     return lines
 
 
-def _chance(headline: str, group: Group) -> str:
-    """The headline metric of a random guess, as text."""
-    if headline == "macro_auroc":
-        return "0.5 (AUROC)"
-    if headline == "recall@1":
-        n = group.runs[0].data.get("n_test") or 0
-        return f"{100 / max(1, n):.1f} (1 / {n} test pairs)"
-    return f"{100 / max(1, _n_classes(group)):.1f}"
+def chance_level(group: Group) -> float | None:
+    """The headline metric of a random guess as a fraction, from the task (None when it has none)."""
+    return group.task.chance(_n_classes(group))
+
+
+def _chance(group: Group) -> str:
+    """The chance level in the tables' units (percent), or "none" when the task's headline has none."""
+    chance = chance_level(group)
+    return "none" if chance is None else f"{100 * chance:.1f}"
+
+
+def _lr_text(group: Group) -> str:
+    """The learning rate as tables show it; a dash for methods that train nothing."""
+    return "–" if group.lr is None else f"{group.lr:g}"
 
 
 def before_after_table(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
     """Image-text runs: test retrieval and zero-shot accuracy before fine-tuning (adapters off) and after, mean
     over seeds."""
-    shown = (*(f"{d}_recall@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)), "zeroshot_accuracy")
-    rows = []
+    rows, shown = [], []
     for g in sorted(groups, key=_arm_rank):
         if not all("before_finetuning" in r.data for r in g.runs):
             continue
+        shown = shown or [m for m in g.task.report_metrics if m != g.runs[0].headline]
         cells = []
         for name in shown:
             before = [r.data["before_finetuning"].get("test", {}).get(name) for r in g.runs]
@@ -386,8 +388,8 @@ def before_after_table(groups: Sequence[Group], varying: Sequence[str]) -> list[
                     + " | ".join(cells) + f" | {len(g.runs)} |")
     if not rows:
         return []
-    return ["| Dataset | Data | Arm | image→text R@1 | R@5 | R@10 | text→image R@1 | R@5 | R@10 | zero-shot accuracy | "
-            "seeds |", "|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+    return ["| Dataset | Data | Arm | " + " | ".join(shown) + " | seeds |", "|---|---|---|" + "---|" * (len(shown) + 1),
+            *rows, ""]
 
 
 def _n_classes(group: Group) -> int:
@@ -459,7 +461,7 @@ def markdown_report(source: Path, runs: Sequence[Run], groups: Sequence[Group], 
                     several_lrs: bool, varying: Sequence[str], pairs: Sequence[dict],
                     figures: Sequence[Path]) -> str:
     """report.md: the paper-style tables, the paired comparisons and the figures."""
-    lr_note = ("the learning rate is chosen per setting on mean validation balanced accuracy (never on test)"
+    lr_note = ("the learning rate is chosen per setting on the mean validation headline metric (never on test)"
                if several_lrs else "one learning rate per setting")
     lines = ["# Results", "",
              (f"Source: `{source}`: {_count(len(runs), 'run')} in {_count(len(groups), 'setting')}; "
@@ -480,10 +482,11 @@ def markdown_report(source: Path, runs: Sequence[Run], groups: Sequence[Group], 
                   "Before: the same model with its adapters switched off. Retrieval ranks each image's own "
                   "caption among all test captions (and back); zero-shot accuracy classifies from the class "
                   "prompts.", ""] + before_after
-    for metric, title in ((HEADLINE, "Headline metric (balanced accuracy; mean AUROC for multi-label data; "
-                                     "mean recall@1 of both directions for image-text pairs)"),
-                          ("accuracy", "Accuracy")):
-        lines += [f"## {title} (test)", ""] + markdown_tables(chosen, varying, metric)
+    headlines = "; ".join(dict.fromkeys(g.headline for g in chosen))
+    for metric, title in ((HEADLINE, f"Headline metric ({headlines})"), ("accuracy", "Accuracy")):
+        shown = [g for g in chosen if metric == HEADLINE or metric in g.task.report_metrics]
+        if shown:
+            lines += [f"## {title} (test)", ""] + markdown_tables(shown, varying, metric)
     calibration = calibration_tables(chosen, varying)
     if calibration:
         lines += ["## Calibration (test)", "",
