@@ -38,8 +38,10 @@ class RunConfig:
     weights: str | None = None
     num_classes: int | None = None
     # optimisation (CLIP-LoRA's defaults; --preset expN sets the paper's own commands)
-    lr: float = 2e-4
-    n_iters: int = 500
+    lr: float | None = 2e-4  # None: the method trains nothing
+    n_iters: int | None = 500  # None: the method trains nothing
+    # where n_iters came from: "flag", "preset", "demo" or "default" (the run's intended budget unless "flag")
+    n_iters_from: str | None = "default"
     batch_size: int = 32
     pos_weight: str = "none"  # multi-label: "auto" weights each label's positives by negatives/positives
     drop_last: bool = False  # True drops each epoch's last partial batch (the original code keeps it)
@@ -63,6 +65,7 @@ class RunConfig:
     checkpoint_every: int = 200
     compile: bool = False  # torch.compile the trained module (GPU runs; same numbers, faster steps)
     demo: bool = False
+    warnings: list[str] = field(default_factory=list)  # what the settings' resolution said (also in results.json)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -77,12 +80,13 @@ class RunConfig:
 # across them, and the report groups runs without them.
 DEFAULT_MODEL = "clip"  # the paper's default model for real data
 SYNTHETIC_MODEL = "tiny_clip"  # the small offline model of the synthetic demo data
+DEMO_DATASET = RunConfig.dataset  # the dataset of a command that names none: the synthetic demo
 
 RUNTIME_FIELDS = frozenset({"output_dir", "device", "num_workers", "wandb", "wandb_project", "wandb_entity",
                             "overwrite", "eval_only", "run",
                             "checkpoint_every", "compile", "demo"})
 # Recorded, but derived from the others: two runs that differ only here compute the same thing.
-DERIVED_FIELDS = frozenset({"preset", "experiment"})
+DERIVED_FIELDS = frozenset({"preset", "experiment", "warnings", "n_iters_from"})
 
 
 def computing_settings(config: RunConfig) -> dict:
@@ -140,9 +144,27 @@ def run_dir(config: RunConfig) -> Path:
     dataset = f"{name}-{config.level}" if config.level else name
     top = f"exp{config.experiment}" if config.experiment else "runs"
     return (Path(config.output_dir) / top / dataset / model_label(config) / method_label(config)
-            / data_label(config) / f"lr{_num(config.lr)}"
+            / data_label(config) / lr_label(config)
             / f"seed{config.seed}{_fold(config)}-{fingerprint(config)[:8]}")
+
+
+def lr_label(config: RunConfig) -> str:
+    """The learning rate's part of a run folder ("lr0.0002"); empty for runs that train nothing."""
+    return "" if config.lr is None else f"lr{_num(config.lr)}"
 
 
 def _fold(config: RunConfig) -> str:
     return "" if config.cv is None else f"-fold{config.fold}of{config.cv}"
+
+
+def budget_record(config: RunConfig, stages: list[dict]) -> dict:
+    """results.json's ``budget``: what n_iters counts for the method ("shots", "epochs"; "none" when nothing
+    trains), its value and origin, the steps of the stages, and whether it is the method's intended budget (not
+    changed by a flag), so that a report can refuse to compare runs whose budgets were cut short."""
+    from methods import get_method
+
+    steps = sum(int(s.get("steps", 0)) for s in stages)
+    if config.n_iters is None:
+        return {"kind": "none", "n_iters": None, "from": None, "steps": steps, "intended": True}
+    return {"kind": get_method(config.method).step_budget, "n_iters": config.n_iters, "from": config.n_iters_from,
+            "steps": steps, "intended": config.n_iters_from != "flag"}

@@ -18,6 +18,8 @@ import shutil
 import socket
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,3 +223,47 @@ def claim_run_folder(folder: str | Path, need_bytes: int = 0) -> RunLock:
         print(f"note: removed {len(removed)} temporary file(s) left by an interrupted write in {folder}",
               file=sys.stderr)
     return lock
+
+
+# -- the hooks of the run pipeline (engine/run.py) --------------------------------------------
+def _on_main(fn):
+    """Call `fn` on rank 0 only; when it fails there, the other ranks raise too instead of waiting for it."""
+    from engine import distributed as dist
+
+    result = None
+    if dist.is_main():
+        try:
+            result = fn()
+        except BaseException:
+            if dist.active():
+                dist.all_agree(False)
+            raise
+    if dist.active() and not dist.all_agree(True):
+        raise RuntimeError("rank 0 stopped before training; see its error above")
+    return result
+
+
+@contextmanager
+def owning_run_folder(ctx) -> Iterator[bool]:
+    """The run holds its folder while it trains (rank 0): writable, locked, leftovers of killed writes removed.
+    Yields False when another process finished the run while this one prepared (nothing is left to do)."""
+    from engine import distributed as dist
+    from engine import results as res
+
+    config = ctx.config
+    lock = _on_main(lambda: claim_run_folder(ctx.out))
+    try:
+        finished = res.is_finished(ctx.out) and not config.overwrite if dist.is_main() else False
+        if finished:
+            print(f"already finished: {ctx.out / res.RESULTS_FILE} (add --overwrite to run it again)")
+        yield dist.all_agree(not finished)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def check_room(ctx, plan) -> None:
+    """Before training: the run folder's disk has room for the checkpoints and weights of the plan's stages."""
+    params = {id(p): p for stage in plan.stages for p in stage.module.parameters() if p.requires_grad}
+    need = checkpoint_bytes(sum(p.numel() for p in params.values()))
+    _on_main(lambda: check_output_folder(ctx.out, need))

@@ -8,6 +8,7 @@ import torch
 
 from engine import distributed as dist
 from engine import results as res
+from engine.config import budget_record
 from engine.context import DEMO_BANNER, RunContext, class_warnings, synthetic
 from engine.evaluate import headline
 from methods.registry import Plan
@@ -23,7 +24,8 @@ def build_record(ctx: RunContext, plan: Plan, metrics: dict, stages: list[dict],
         model={"key": ctx.spec.key, "weights": ctx.spec.weights, "feature_dim": ctx.spec.feature_dim,
                "input_size": ctx.spec.input_size},
         classes=list(split.classes), n_train=len(split.train), n_val=len(split.val), n_test=len(split.test),
-        left_out=getattr(split, "left_out", 0), split_sha256=split.sha256, warnings=class_warnings(split),
+        left_out=getattr(split, "left_out", 0), split_sha256=split.sha256,
+        warnings=[*ctx.config.warnings, *class_warnings(split)], budget=budget_record(ctx.config, stages),
         task=split.task, headline=headline(ctx),
         trainable_params=trainable, total_params=total, metrics=metrics, stages=stages,
         timing={"train_seconds": round(sum(s["train_seconds"] for s in stages), 3),

@@ -15,6 +15,7 @@ import time
 
 from common.errors import UserError
 from engine import distributed as dist
+from engine import guard
 from engine import results as res
 from engine.config import RunConfig
 from engine.context import RunContext, prepare_context, resolve_device
@@ -38,9 +39,12 @@ def run(config: RunConfig) -> int:
     if config.eval_only and not method.trains:
         raise UserError(f"--eval_only reloads trained weights, and --method {method.name} trains nothing: "
                         "run it without --eval_only")
-    with dist.process_group(resolve_device(config.device).type), _silent_unless_main():
+    with dist.process_group(resolve_device(config.device).type), _silent_unless_main(), \
+            contextlib.ExitStack() as held:
         ctx = dist.main_first(lambda: prepare_context(config))  # downloads and caches once
         if ctx is None:
+            return 0
+        if not config.eval_only and not held.enter_context(guard.owning_run_folder(ctx)):  # writable, locked
             return 0
         ctx.device = dist.device_of_rank(ctx.device)
         check_task(method, ctx)
@@ -48,6 +52,7 @@ def run(config: RunConfig) -> int:
         plan.model.to(ctx.device)
         if config.eval_only:
             return _eval_only(ctx, plan)
+        guard.check_room(ctx, plan)  # free space for the checkpoints, before any training
         with dist.main_writes() as writer:
             if writer and config.overwrite:
                 remove_checkpoints(ctx.out)

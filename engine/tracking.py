@@ -66,11 +66,12 @@ def _mode() -> str:
 def identity(config: dict) -> dict:
     """A readable name, a group that every seed of a setting shares (so that seeds aggregate in the wandb
     UI), and tags, from a run's resolved config."""
-    from engine.config import RunConfig, data_label, method_label, model_label
+    from engine.config import RunConfig, data_label, lr_label, method_label, model_label
 
     c = RunConfig.from_dict(config)
     dataset = c.dataset_name or c.dataset
-    setting = f"{dataset}/{model_label(c)}/{method_label(c)}/{data_label(c)}/lr{c.lr:g}"
+    parts = (dataset, model_label(c), method_label(c), data_label(c), lr_label(c))  # no lr where nothing trains
+    setting = "/".join(part for part in parts if part)
     tags = [f"exp{c.experiment}" if c.experiment else "no-paper-experiment", dataset, model_label(c), c.method,
             data_label(c)]
     return {"name": f"{setting}/seed{c.seed}", "group": setting, "tags": tags}

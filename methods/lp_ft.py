@@ -29,6 +29,6 @@ def build(ctx, s: LPFTSettings) -> Plan:
 register(Method(
     tasks=HEAD_TASKS,
     name="lp_ft", description="stage 1: linear head on frozen features; stage 2: everything at lr x 0.1",
-    settings=LPFTSettings, inputs="features", build=build,
+    settings=LPFTSettings, inputs="features", build=build, budget="shots",  # its fine-tuning stage: paper_steps
     source="LP-FT (Kumar et al. 2022); cross-domain transfer studies",
 ))

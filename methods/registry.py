@@ -96,11 +96,20 @@ class Method:
     # how python -m utils.export describes and rebuilds the method's head (methods.heads.HeadCodec); None: a plain
     # linear head. Kept untyped so that this file imports no torch.
     head_codec: typing.Any = None
+    # what --n_iters counts: "shots" (warmup + n_iters x K steps few-shot, n_iters epochs otherwise: the paper's
+    # LoRA, RunContext.paper_steps) or "epochs" (warmup + n_iters epochs: heads on cached features,
+    # RunContext.epoch_steps); None: "shots" for methods trained on images, "epochs" for the others
+    budget: Literal["shots", "epochs"] | None = None
 
     @property
     def entry_point(self) -> str:
         """The script whose default this method is closest to: image methods run from main_lora.py."""
         return "main_lora.py" if self.inputs == "images" else "main.py"
+
+    @property
+    def step_budget(self) -> str:
+        """What --n_iters counts for this method: "shots" or "epochs" (see `budget`)."""
+        return self.budget or ("shots" if self.inputs == "images" else "epochs")
 
     def setting_fields(self) -> tuple[dataclasses.Field, ...]:
         return dataclasses.fields(self.settings)

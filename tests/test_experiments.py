@@ -208,11 +208,36 @@ def test_label_map_merges_classes_and_is_recorded(folder_root, tmp_path):
     assert r["classes"] == ["warm", "blue"] and r["config"]["label_map"] == "warm=red,green-ish"
 
 
-def test_level_options_outside_hicervix_are_errors(folder_root, tmp_path):
-    for flag in (["--level", "level_2"], ["--level_fallback", "parent"], ["--protocol", "official"]):
+def test_level_outside_hicervix_is_ignored_with_a_recorded_warning_and_its_other_options_are_errors(
+        folder_root, tmp_path):
+    # the paper's README passes --level {level} for every dataset: the command runs, and says so
+    p = run("main.py", "--root_path", str(folder_root), "--dataset", "folder", "--level", "level_2", "--shots", "2",
+            "--n_iters", "1", "--output_dir", str(tmp_path / "level"), *TINY)
+    assert p.returncode == 0, p.stderr
+    assert "--level level_2 ignored" in p.stderr
+    r = only_result(tmp_path / "level")
+    assert r["level"] is None and any("--level level_2 ignored" in w for w in r["warnings"])
+    assert "level_2" not in str(results_in(tmp_path / "level")[0])
+    for flag in (["--level_fallback", "parent"], ["--protocol", "official"]):
         p = run("main.py", "--root_path", str(folder_root), "--dataset", "folder", *flag,
                 "--output_dir", str(tmp_path), *TINY)
         assert p.returncode == 2 and "hicervix" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("flags", [[], ["--device", "cpu"], ["--num_workers", "0", "--seed", "2"],
+                                   ["--dataset", "demo"]])
+@pytest.mark.parametrize("entry", ["lora", "linear"])
+def test_the_demo_keeps_its_small_settings_whatever_other_flags_are_given(flags, entry):
+    from utils.cli import parse_config
+
+    config = parse_config(flags, entry)
+    plain = parse_config([], entry)
+    assert config.dataset == "demo" and config.demo and config.model_name == "tiny_clip"
+    assert (config.n_iters, config.lr, config.shots, config.batch_size, config.output_dir) == (
+        plain.n_iters, plain.lr, plain.shots, plain.batch_size, plain.output_dir)
+    assert config.n_iters == (25 if entry == "lora" else 100)
+    # a flag the user gives still wins
+    assert parse_config([*flags, "--n_iters", "3", "--output_dir", "x"], entry).n_iters == 3
 
 
 def test_eval_only_and_rerun_read_the_saved_settings(lora_run, folder_root, tmp_path):

@@ -8,15 +8,17 @@ Precedence: RunConfig defaults < the method's own lr < --preset < flags given.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
 import typing
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from common.errors import UserError, exit_status
-from engine.config import DEFAULT_MODEL, SYNTHETIC_MODEL, RunConfig
+from engine.config import DEFAULT_MODEL, DEMO_DATASET, SYNTHETIC_MODEL, RunConfig
 from utils.presets import PRESETS
 
 DEFAULTS = RunConfig()
@@ -36,6 +38,30 @@ def _bool(text: str) -> bool:
     if value in {"false", "0", "no"}:
         return False
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def _finite(text: str) -> float:
+    """A float flag: a finite number (nan and inf are refused here, before anything runs)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+_finite.__name__ = "float"  # argparse names the type in its message
+
+
+def refuse_control_characters(words: Sequence[str], prog: str) -> None:
+    """A newline, tab or other control character in an argument (a path pasted with its line end, a broken
+    script) would split generated scripts and logs: refused before anything runs."""
+    for word in words:
+        bad = next((ch for ch in word if unicodedata.category(ch) == "Cc"), None)
+        if bad is not None:
+            raise UserError(f"argument {word!r} contains the control character {bad!r}: remove it "
+                            f"(see {prog} --help)")
 
 
 def _d(name: str) -> str:
@@ -62,7 +88,7 @@ def _method_flag(hint: object) -> dict:
     if origin is typing.Literal:
         return {"choices": typing.get_args(hint)}
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    return {"type": {bool: _bool, int: int, float: float}.get(args[0], str)}
+    return {"type": {bool: _bool, int: int, float: _finite}.get(args[0], str)}
 
 
 def method_flags() -> dict[str, list[str]]:
@@ -108,9 +134,10 @@ def build_parser(default_method: str, prog: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("method")
     _add(g, "--method", choices=method_names(), help=f"adaptation method (default: {default_method}); "
          "python -m methods list describes them")
-    _add(g, "--preset", choices=tuple(PRESETS), help="exp1, exp2, exp3: the paper's command for that experiment; "
-         "medpeft: LoRA q v, alpha 32, dropout 0.1, rank 4/8/32 at <=1%%/<=10%%/more of the data (flags given "
-         "explicitly override a preset)")
+    _add(g, "--preset", choices=tuple(PRESETS),
+         help="exp1, exp2, exp3: the paper README's command for that experiment (exp3's ViT-L/14 from its run.py); "
+              "medpeft: LoRA q v, alpha 32, dropout 0.1, rank 4/8/32 at <=1%%/<=10%%/more of the data (flags given "
+              "explicitly override a preset)")
     g = p.add_argument_group("data")
     _add(g, "--root_path", help="folder holding the datasets")
     _add(g, "--dataset", help="mlcc, bcfc, sipakmed, hicervix, folder, csv or demo", default_of="dataset")
@@ -127,7 +154,7 @@ def build_parser(default_method: str, prog: str) -> argparse.ArgumentParser:
     _add(g, "--cv", type=int, help="folder and csv data: split train + val into K stratified (and grouped) folds")
     _add(g, "--fold", type=int, help="with --cv: the fold used as validation (0 .. K-1; default 0)")
     _add(g, "--shots", type=int, help="images per class; -1 = all; 0 with --pourcentage", default_of="shots")
-    _add(g, "--pourcentage", "--percentage", dest="percentage", type=float,
+    _add(g, "--pourcentage", "--percentage", dest="percentage", type=_finite,
          help="with --shots 0: percent of each class used for train and val")
     _add(g, "--num_classes", type=int, help="optional; checked against the data")
     g = p.add_argument_group("model")
@@ -135,7 +162,7 @@ def build_parser(default_method: str, prog: str) -> argparse.ArgumentParser:
     _add(g, "--backbone", help="for models with a choice of backbones (clip: ViT-B/16 default, ViT-B/32, ViT-L/14)")
     _add(g, "--weights", help="local weights file or folder, or 'random'")
     g = p.add_argument_group("training")
-    _add(g, "--lr", type=float, help="learning rate (default: 0.0002, or the method's own: full 1e-05)")
+    _add(g, "--lr", type=_finite, help="learning rate (default: 0.0002, or the method's own: full 1e-05)")
     _add(g, "--n_iters", type=int, help="few-shot: n_iters x K steps; otherwise n_iters epochs; plus "
          "--warmup_steps", default_of="n_iters")
     _add(g, "--batch_size", type=int, default_of="batch_size")
@@ -150,7 +177,7 @@ def build_parser(default_method: str, prog: str) -> argparse.ArgumentParser:
     _add(g, "--compat", choices=("none", "seed"), help="seed: reproduce the original code's quirks for its exact "
          "numbers (README: Differences from the original code; default: none)")
     _add(g, "--warmup_steps", type=int, default_of="warmup_steps")
-    _add(g, "--weight_decay", type=float, default_of="weight_decay")
+    _add(g, "--weight_decay", type=_finite, default_of="weight_decay")
     _add(g, "--checkpoint_every", type=int, help="steps between checkpoints", default_of="checkpoint_every")
     _add_method_flags(p)
     g = p.add_argument_group("run")
@@ -173,18 +200,21 @@ def build_parser(default_method: str, prog: str) -> argparse.ArgumentParser:
 
 
 def _demo_overrides(inputs: str) -> dict:
-    """The settings of the no-argument demo: small, offline, under a minute on two CPU cores."""
+    """The settings of the demo: small, offline, under a minute on two CPU cores (flags given still win)."""
     on_images = inputs == "images"
-    return dict(dataset="demo", model_name=SYNTHETIC_MODEL, shots=16, n_iters=25 if on_images else 100,
+    return dict(model_name=SYNTHETIC_MODEL, shots=16, n_iters=25 if on_images else 100,
                 lr=1e-3 if on_images else 1e-2, batch_size=32, demo=True, output_dir=os.path.join("results", "demo"))
 
 
-def parse_config(argv: Sequence[str] | None, default_method: str = "lora", prog: str | None = None) -> RunConfig:
-    """Parse arguments into a resolved RunConfig; no arguments at all means the demo."""
+def parse_config(argv: Sequence[str] | None, default_method: str = "lora", prog: str | None = None,
+                 notify: bool = True) -> RunConfig:
+    """Parse arguments into a resolved RunConfig; without --dataset (or with --dataset demo) the demo's small
+    settings apply where no flag sets them. `notify`: print the config's warnings (``note: ...``) on stderr."""
     from methods import get_method
 
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or ("main_lora.py" if default_method == "lora" else "main.py")
+    refuse_control_characters(argv, prog)
     given = vars(build_parser(default_method, prog).parse_args(argv))
     saved = _saved_settings(given)
     preset = dict(PRESETS.get(given.get("preset"), {}))
@@ -195,16 +225,18 @@ def parse_config(argv: Sequence[str] | None, default_method: str = "lora", prog:
     values: dict = {}
     if method.lr is not None:
         values["lr"] = method.lr
+    dataset = given.get("dataset", saved.get("dataset", preset.get("dataset", DEFAULTS.dataset)))
+    demo = dataset == DEMO_DATASET and not saved
+    if demo:
+        values.update(_demo_overrides(method.inputs))
     values.update(saved)
     values.update({k: v for k, v in preset.items() if k in RunConfig.__dataclass_fields__ or k in _fields(method)})
-    if not argv:
-        values.update(_demo_overrides(method.inputs))
     values.update(given)
     for key, value in preset.items():
         if callable(value) and key not in given:
             values[key] = value(values)
-    if "model_name" in given and "backbone" not in given:
-        values["backbone"] = None  # a preset's backbone belongs to the preset's model
+    warnings: list[str] = []
+    _backbone_of_another_model(given, saved, preset, values, warnings)
     wrong = sorted(set(given) & (set(method_flags()) - _fields(method)))
     if wrong:
         takers = ", ".join(method_flags()[wrong[0]])
@@ -212,12 +244,57 @@ def parse_config(argv: Sequence[str] | None, default_method: str = "lora", prog:
     settings = {k: values.pop(k) for k in list(values) if k in _fields(method)}
     values = {k: v for k, v in values.items() if k in RunConfig.__dataclass_fields__}
     config = RunConfig(method=method.name, **values)
+    config.warnings = warnings
     _task_defaults(method, config, settings)
     config.method_settings = _resolve_settings(method, settings)
     _resolve(config, {**saved, **given}, preset)
+    _budget(config, method, given, saved, preset, demo)
     config.experiment = method.experiment(config)
     _validate(config)
+    if notify:
+        for message in config.warnings:
+            print(f"note: {message}", file=sys.stderr)
     return config
+
+
+def _backbone_of_another_model(given: dict, saved: dict, preset: dict, values: dict, warnings: list[str]) -> None:
+    """A preset's (or a repeated run's) backbone belongs to its model: --model_name naming that same model keeps
+    it, another model drops it (that model runs with its own default backbone), with a notice."""
+    if "model_name" not in given or "backbone" in given:
+        return
+    source, where = (preset, f"--preset {given.get('preset')}") if "model_name" in preset else (saved, "--from")
+    if given["model_name"] == source.get("model_name"):
+        return
+    dropped = values.get("backbone")
+    values["backbone"] = None
+    if dropped and source.get("model_name"):
+        warnings.append(f"--model_name {given['model_name']} replaces the {source['model_name']} {dropped} of "
+                        f"{where}: {given['model_name']} runs with its own default backbone (add --backbone to "
+                        "choose one)")
+
+
+def trains_something(method, settings: dict) -> bool:
+    """Whether a run optimises anything (a learning rate and a step budget mean something): a method that trains,
+    or a computed one with a transductive stage trained on top (--transductive proportion)."""
+    return method.trains or settings.get("transductive") == "proportion"
+
+
+def _budget(config: RunConfig, method, given: dict, saved: dict, preset: dict, demo: bool) -> None:
+    """Where n_iters came from (a flag, the preset, the demo, the repeated run or the default); a run that trains
+    nothing has no learning rate and no budget."""
+    if not trains_something(method, config.method_settings):
+        config.lr = None
+        config.n_iters = None
+        config.n_iters_from = None
+        return
+    if "n_iters" in given:
+        config.n_iters_from = "flag"
+    elif "n_iters" in preset:
+        config.n_iters_from = "preset"
+    elif "n_iters" in saved:
+        config.n_iters_from = saved.get("n_iters_from") or "default"
+    else:
+        config.n_iters_from = "demo" if demo else "default"
 
 
 def _saved_settings(given: dict) -> dict:
@@ -232,7 +309,7 @@ def _saved_settings(given: dict) -> dict:
     if source is None:
         return {}
     config = res.read_results(source)["config"]
-    skip = {"eval_only", "run", "overwrite", "demo", "experiment", "preset", "method_settings"}
+    skip = {"eval_only", "run", "overwrite", "demo", "experiment", "preset", "method_settings", "warnings"}
     saved = {k: v for k, v in config.items() if k in RunConfig.__dataclass_fields__ and k not in skip}
     saved.update(config.get("method_settings", {}))
     return saved
@@ -277,6 +354,11 @@ def _resolve(config: RunConfig, given: dict, preset: dict) -> None:
     level = config.level if "level" in given else None
     if level is None and "level" in preset:
         level = preset["level"] if resolve_level(config.dataset, None) else None
+    if level and not get_dataset(config.dataset).levels:
+        # the paper's commands pass --level for every dataset, and its code ignored it where there are none
+        config.warnings.append(f"--level {level} ignored: {config.dataset} has no label levels (--level applies to "
+                               "datasets with a label tree, such as hicervix)")
+        level = None
     config.level = resolve_level(config.dataset, level)
     _resolve_data(config)
     config.level_fallback = resolve_level_fallback(config.dataset, config.level_fallback)
@@ -315,12 +397,15 @@ def _validate(config: RunConfig) -> None:
     if config.percentage is not None and config.shots != 0:
         raise UserError("--pourcentage needs --shots 0 (percentage mode replaces few-shot sampling)")
     for name in ("n_iters", "batch_size"):
-        if getattr(config, name) < 1:
+        value = getattr(config, name)
+        if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1")
     if config.warmup_steps < 0:
         raise UserError(f"--warmup_steps must be at least 0, got {config.warmup_steps}")
-    if config.lr <= 0:
+    if config.lr is not None and config.lr <= 0:
         raise UserError(f"--lr must be positive, got {config.lr:g}")
+    if config.weight_decay < 0:
+        raise UserError(f"--weight_decay must be at least 0, got {config.weight_decay:g}")
     if config.eval_every is not None and config.eval_every < 1:
         raise UserError(f"--eval_every must be at least 1 step, got {config.eval_every}")
     if config.fold is not None and config.cv is None:

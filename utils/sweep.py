@@ -19,12 +19,14 @@ end lines), appended to across reruns with a line saying where a rerun starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import queue
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -36,6 +38,7 @@ from pathlib import Path
 
 from common.errors import UserError
 from engine.config import RunConfig, run_dir
+from engine.guard import lock_owner
 from engine.results import RESULTS_FILE, is_finished
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -118,13 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=None,
                    help="folder and csv data: run every fold 0..K-1 of K-fold cross-validation (--cv K --fold i) "
                         "of every combination")
-    p.add_argument("--lrs", default=None, help="learning rates (default: each method's own)")
+    p.add_argument("--lrs", default=None, help="learning rates of the methods that train (default: the preset's, else "
+                   "each method's own: CLIP-LoRA's 2e-4 for most)")
     p.add_argument("--weights", default="pretrained",
                    help='space-separated: "pretrained" (usual weights), "random", or a local file per entry')
     p.add_argument("--level", default=None, help="HiCervix label level(s), applied to hicervix only")
     p.add_argument("--root_path", default=None)
     p.add_argument("--output_dir", default=RunConfig.output_dir)
-    p.add_argument("--n_iters", type=int, default=None)
+    p.add_argument("--n_iters", type=int, default=None,
+                   help="the step budget of the methods that count it as the paper's LoRA does (warmup + n_iters x K "
+                        "steps few-shot); when no method of the sweep does, of those counting epochs; the other "
+                        "methods keep their own (default: the preset's, else RunConfig's 500)")
     p.add_argument("--extra", default="", help='flags for the runs whose method takes them, e.g. "--r 4 --k 10"')
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry_run", action="store_true", help="print the pending commands and exit")
@@ -209,9 +216,18 @@ def _weights_list(text: str) -> list[str | None]:
     return out
 
 
+def _preset_value(args: argparse.Namespace, name: str):
+    """A setting of the sweep's preset (--experiment N), None without one."""
+    from utils.presets import PRESETS
+
+    return PRESETS[f"exp{args.experiment}"].get(name) if args.experiment else None
+
+
 def _data_axis(args: argparse.Namespace) -> list[tuple[str, str | None]]:
-    """(shots, percentage) texts: few-shot K values, or percentages run with --shots 0."""
-    if args.percentages is not None or (args.experiment == 3 and args.shots is None):
+    """(shots, percentage) texts: few-shot K values, or percentages run with --shots 0. Without --shots and
+    --percentages, the preset's shots (experiment 1: -1, all images; 3: 0, percentages), else the default K."""
+    preset_shots = _preset_value(args, "shots")
+    if args.percentages is not None or (preset_shots == 0 and args.shots is None):
         if args.shots is not None:
             raise SweepError("--shots and --percentages exclude each other (percentages run with --shots 0)")
         pcts = _numbers(args.percentages or DEFAULT_PERCENTAGES, "--percentages", float)
@@ -219,7 +235,8 @@ def _data_axis(args: argparse.Namespace) -> list[tuple[str, str | None]]:
             if not 0 < value <= 100:
                 raise SweepError(f"--percentages: {text} is outside (0, 100]")
         return [("0", text) for text, _ in pcts]
-    shots = _numbers(args.shots or DEFAULT_SHOTS, "--shots", int)
+    default = DEFAULT_SHOTS if preset_shots is None else str(preset_shots)
+    shots = _numbers(args.shots or default, "--shots", int)
     for text, value in shots:
         if value == 0 or value < -1:
             raise SweepError(f"--shots: {text} is not a shot count; give K >= 1 or -1 for all images")
@@ -239,6 +256,26 @@ def _methods(args: argparse.Namespace) -> list[str]:
     for name in names:
         get_method(name)  # unknown names fail here, listing the valid ones
     return names
+
+
+def n_iters_flags(methods: list[str], n_iters: int | None) -> dict[str, list[str]]:
+    """Each method's share of the sweep's --n_iters: it applies to the methods that count n_iters in one sense,
+    the paper's LoRA budget (n_iters x K steps) when a method of the sweep counts so, else epochs; the others
+    keep their own budget, and a note says so (a LoRA smoke test must not shorten the heads it is compared to)."""
+    from methods import get_method
+    from utils.cli import trains_something
+
+    if n_iters is None:
+        return {m: [] for m in methods}
+    trained = [m for m in methods if trains_something(get_method(m), {})]
+    kinds = {m: get_method(m).step_budget for m in trained}
+    sense = "shots" if "shots" in kinds.values() else "epochs"
+    kept = [m for m in trained if kinds[m] != sense]
+    if kept:
+        print(f"note: --n_iters {n_iters} applies to {', '.join(m for m in trained if kinds[m] == sense)} "
+              f"({'n_iters x K steps' if sense == 'shots' else 'n_iters epochs'}); {', '.join(kept)} keep their own "
+              "budget (n_iters epochs, from the preset or the default)", file=sys.stderr)
+    return {m: ["--n_iters", str(n_iters)] if kinds.get(m) == sense else [] for m in methods}
 
 
 def _has_levels(dataset: str) -> bool:
@@ -286,7 +323,7 @@ def _job(run_args: list[str], method: str) -> Job:
 
     entry = get_method(method).entry_point
     try:
-        config = parse_config(run_args, default_method=method, prog=entry)
+        config = parse_config(run_args, default_method=method, prog=entry, notify=False)
     except UserError as exc:
         raise SweepError(f"a {method} run of this grid is invalid: {exc}") from None
     return Job(config, [entry, *run_args])
@@ -294,6 +331,9 @@ def _job(run_args: list[str], method: str) -> Job:
 
 def expand(args: argparse.Namespace) -> list[Job]:
     """Every combination of the grid, in a stable order (seeds, then folds, innermost)."""
+    from methods import get_method
+    from utils.cli import trains_something
+
     groups = split_flags(args.extra)
     folds = _folds(args, groups)
     output_dir = str(Path(args.output_dir).expanduser().resolve())
@@ -310,16 +350,18 @@ def expand(args: argparse.Namespace) -> list[Job]:
         raise SweepError(f"--n_iters must be at least 1, got {args.n_iters}")
     common = ["--output_dir", output_dir, *root]
     common += ["--preset", f"exp{args.experiment}"] if args.experiment else []
-    common += ["--n_iters", str(args.n_iters)] if args.n_iters is not None else []
+    methods = _methods(args)
+    budgets = n_iters_flags(methods, args.n_iters)
+    trains = {m: trains_something(get_method(m), {}) for m in methods}
     jobs: list[Job] = []
-    for method in _methods(args):
-        extra = flags_for(method, groups)
+    for method in methods:
+        extra = flags_for(method, groups) + budgets[method]
         for dataset in _words(args.datasets, "--datasets"):
             for level in levels if _has_levels(dataset) else [None]:
                 for model in _words(args.models, "--models"):
                     for weights in _weights_list(args.weights):
                         for shots, pct in _data_axis(args):
-                            for lr in lrs:
+                            for lr in lrs if trains[method] else [None]:  # no lr where nothing trains
                                 for seed in seeds:
                                     for fold in folds:
                                         run_args = ["--method", method, "--dataset", dataset, "--model_name",
@@ -409,11 +451,50 @@ def _attempt_header(job: Job, command: list[str]) -> str:
     return "".join(f"{line}\n" for line in lines)
 
 
+class Running:
+    """The runs this sweep has started and not seen end: each in its own process group (a signal meant for the
+    sweep reaches them through it, never twice), so that stopping the sweep stops them, each after its
+    checkpoint."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._children: set[subprocess.Popen] = set()
+        self.stopped_by: int | None = None  # the signal that stopped the sweep: no run starts after it
+
+    def add(self, child: subprocess.Popen) -> None:
+        with self._lock:
+            self._children.add(child)
+        if self.stopped_by is not None:  # it started as the signal arrived
+            self._send(child, self.stopped_by)
+
+    def discard(self, child: subprocess.Popen) -> None:
+        with self._lock:
+            self._children.discard(child)
+
+    def stop(self, signum: int) -> None:
+        """Pass `signum` on to every run (SIGINT and SIGTERM: checkpoint, then exit; SIGKILL: at once)."""
+        self.stopped_by = self.stopped_by or signum
+        with self._lock:
+            children = list(self._children)
+        for child in children:
+            self._send(child, signum)
+
+    @staticmethod
+    def _send(child: subprocess.Popen, signum: int) -> None:
+        try:
+            os.killpg(child.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+RUNNING = Running()
+
+
 def execute(job: Job, env: dict[str, str]) -> int:
     """Run one job to completion, its stdout and stderr appended to its log file; return the exit code.
 
-    On Ctrl-C the run, which received it too, is given the time to save its checkpoint; a second
-    Ctrl-C stops it at once.
+    The run is a process group of its own; on Ctrl-C or SIGTERM the sweep passes the signal on and the run
+    saves its checkpoint before it exits; a second Ctrl-C stops it at once.
     """
     job.log.parent.mkdir(parents=True, exist_ok=True)
     command = job.command(sys.executable)
@@ -424,21 +505,38 @@ def execute(job: Job, env: dict[str, str]) -> int:
                                   stdin=subprocess.PIPE, stdout=log, stderr=log, start_new_session=True)
     try:
         child = subprocess.Popen(command, cwd=REPO_ROOT, env={"TQDM_MININTERVAL": LOG_PROGRESS_INTERVAL, **env},
-                                 stdout=writer.stdin, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                 stdout=writer.stdin, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True)
     finally:
         writer.stdin.close()  # the run holds the only write end: the writer stops when the run ends
+    RUNNING.add(child)
     try:
         try:
             return child.wait()
         except KeyboardInterrupt:
+            RUNNING.stop(signal.SIGINT)
             try:
                 child.wait()
             except KeyboardInterrupt:
-                child.kill()
+                RUNNING.stop(signal.SIGKILL)
             raise
     finally:
+        RUNNING.discard(child)
         if child.poll() is not None:
             writer.wait()
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """SIGTERM to the sweep: pass it on to the running runs (they checkpoint and exit) and start no other."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: RUNNING.stop(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def last_error_line(log: Path, start: int = 0) -> str | None:
@@ -463,6 +561,9 @@ def _run_one(job: Job, gpu: str | None) -> Outcome:
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     start = time.perf_counter()
+    owner = lock_owner(job.folder)
+    if owner is not None:  # e.g. the run of an earlier sweep that was killed: it still runs and logs
+        return Outcome(job, 0, 0.0, f"not started: {owner.text()} is running it; rerun the sweep when it ends")
     offset = job.log.stat().st_size if job.log.is_file() else 0
     try:
         code = execute(job, env)
@@ -486,7 +587,7 @@ def run_local(jobs: list[Job], gpus: list[str] | None = None) -> list[Outcome]:
     lock = threading.Lock()
 
     def worker(gpu: str | None) -> None:
-        while True:
+        while RUNNING.stopped_by is None:
             try:
                 i, job = todo.get_nowait()
             except queue.Empty:
@@ -502,15 +603,26 @@ def run_local(jobs: list[Job], gpus: list[str] | None = None) -> list[Outcome]:
                     f"FAILED {job.label} (exit {outcome.returncode}, {took}), log: {job.log}")
                 print(f"[{i}/{len(jobs)}] {status}", flush=True)
 
-    if not gpus:
-        worker(None)
-        return outcomes
-    threads = [threading.Thread(target=worker, args=(gpu,), daemon=True) for gpu in gpus]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        while thread.is_alive():  # short joins keep Ctrl-C responsive
-            thread.join(timeout=0.5)
+    with _stop_on_sigterm():
+        if not gpus:
+            worker(None)
+            return outcomes
+        threads = [threading.Thread(target=worker, args=(gpu,), daemon=True) for gpu in gpus]
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                while thread.is_alive():  # short joins keep Ctrl-C and SIGTERM responsive
+                    thread.join(timeout=0.5)
+        except KeyboardInterrupt:
+            RUNNING.stop(signal.SIGINT)
+            try:
+                for thread in threads:
+                    while thread.is_alive():
+                        thread.join(timeout=0.5)
+            except KeyboardInterrupt:
+                RUNNING.stop(signal.SIGKILL)
+            raise
     return outcomes
 
 
@@ -623,10 +735,16 @@ def _summary(total: int, skipped: int, outcomes: list[Outcome]) -> str:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Expand, skip finished runs, then dry-run, submit or run; returns the exit code."""
+    from utils.cli import refuse_control_characters
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    refuse_control_characters(argv, "bash launch_run.sh")  # a newline would split the SLURM script's lines
     args = build_parser().parse_args(argv)
     gpus = _words(args.gpus, "--gpus") if args.gpus is not None else None
     _check_estimate_options(args)
     jobs = expand(args)
+    for message in dict.fromkeys(w for job in jobs for w in job.config.warnings):  # each once, not once per run
+        print(f"note: {message}", file=sys.stderr)
     pending = [j for j in jobs if not is_finished(j.folder)]
     skipped = len(jobs) - len(pending)
     head = f"# {len(jobs)} combinations: {len(pending)} to run, {skipped} already finished (skipped)"
@@ -650,6 +768,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         return code
     outcomes = run_local(pending, gpus)
     print(_summary(len(jobs), skipped, outcomes))
+    if RUNNING.stopped_by is not None:
+        print(f"stopped by signal {RUNNING.stopped_by}: rerun the same command to resume", file=sys.stderr)
+        return 128 + RUNNING.stopped_by
     return 1 if any(not o.ok for o in outcomes) else 0
 
 
