@@ -343,3 +343,61 @@ def test_no_task_is_named_in_the_report_code():
     for path in sorted((REPO / "utils" / "report").glob("*.py")):
         text = path.read_text(encoding="utf-8")
         assert not [lit for lit in literals if lit in text], path
+
+
+def _cut_budget_runs(out: Path) -> None:
+    """linear heads whose budget a sweep's --n_iters cut short, and knn and two lora settings beside them."""
+    for seed in (1, 2, 3):
+        folder = write_run(out, seed, 0.40 + 0.01 * seed, method="linear", shots=4, n_iters=2)
+        patch_results(folder, budget={"kind": "epochs", "n_iters": 2, "from": "flag", "steps": 13, "intended": False})
+        write_run(out, seed, 0.50 + 0.02 * seed, method="knn", shots=4)  # no budget key: taken as intended
+        for n_iters, gain in ((100, 0.0), (200, 0.05)):
+            folder = write_run(out, seed, 0.60 + gain + 0.01 * seed, method="lora", shots=4, n_iters=n_iters)
+            patch_results(folder, budget={"kind": "shots", "n_iters": n_iters, "from": "flag", "steps": 400,
+                                          "intended": False})
+
+
+def test_a_difference_between_methods_with_a_cut_budget_is_refused_and_says_why(tmp_path):
+    _cut_budget_runs(tmp_path)
+    build_report(tmp_path, n_resamples=200, plots=False)
+    rows = read_csv(tmp_path / "report" / "paired.csv")
+    assert sorted(r["comparison"] for r in rows) == ["knn - linear", "lora - linear", "lora - linear", "settings"]
+    (knn,) = [r for r in rows if r["comparison"] == "knn - linear"]
+    assert knn["mean_diff"] == knn["t_low"] == knn["boot_low"] == ""  # not computed
+    assert knn["budget"] == ("not compared: tiny_clip linear [n_iters=2] trained n_iters 2 (epochs) from flag, "
+                             "13 steps, not its method's intended budget")
+    assert float(knn["a_mean"]) == pytest.approx(0.54)  # the arms' own means are still facts
+    for row in (r for r in rows if r["comparison"] == "lora - linear"):
+        assert row["mean_diff"] == "" and row["budget"].startswith("not compared")
+    # two settings of one method: the budget means the same on both sides, so the difference is computed, marked
+    (same,) = [r for r in rows if r["comparison"] == "settings"]
+    assert "n_iters=100" in same["a"] and "n_iters=200" in same["b"]
+    assert float(same["mean_diff"]) == pytest.approx(-0.05) and same["budget"].startswith("marked: ")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| not compared (budget, note 1) |" in md and "⚠ (budget, note" in md
+    assert "1. knn - linear (tiny_clip knn-k20" in md and "): not compared: tiny_clip linear [n_iters=2] trained" in md
+    summary = {r["method"]: r["budget"] for r in read_csv(tmp_path / "report" / "summary.csv")}
+    assert summary["linear"] == "not intended in 3 of 3 runs" and summary["knn-k20"] == "intended"
+
+
+def test_compare_cut_budgets_prints_the_difference_marked(tmp_path):
+    _cut_budget_runs(tmp_path)
+    from utils.report import main
+
+    assert main([str(tmp_path), "--no_plots", "--n_resamples", "200", "--compare_cut_budgets"]) == 0
+    knn = next(r for r in read_csv(tmp_path / "report" / "paired.csv") if r["comparison"] == "knn - linear")
+    assert float(knn["mean_diff"]) == pytest.approx(0.12) and knn["budget"].startswith("marked: tiny_clip linear")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "+12.0 ⚠ (budget, note" in md and "not compared (" not in md
+
+
+def test_runs_on_their_intended_budgets_are_compared_as_usual(tmp_path):
+    for seed in (1, 2):
+        folder = write_run(tmp_path, seed, 0.5 + 0.01 * seed, method="linear", shots=4)
+        patch_results(folder, budget={"kind": "epochs", "n_iters": 200, "from": "preset", "steps": 900,
+                                      "intended": True})
+        write_run(tmp_path, seed, 0.6 + 0.01 * seed, method="lora", shots=4)
+    build_report(tmp_path, n_resamples=200, plots=False)
+    (row,) = read_csv(tmp_path / "report" / "paired.csv")
+    assert row["budget"] == "intended" and float(row["mean_diff"]) == pytest.approx(0.1)
+    assert "Budgets:" not in (tmp_path / "report" / "report.md").read_text()

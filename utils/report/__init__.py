@@ -10,7 +10,8 @@ writes, into ``OUTPUT_DIR/report`` unless ``--out`` says otherwise:
   per setting on the mean validation headline metric (the one the runs' task names), never on test;
 - ``paired.csv``: every method against the baseline method (``--baseline``, default linear), and
   pretrained against random weights or one model against another, on the same data and seeds: the
-  mean difference of the test headline metric with its paired t-interval;
+  mean difference of the test headline metric with its paired t-interval (refused between methods when a
+  run did not train for its method's intended step budget, unless ``--compare_cut_budgets``);
 - PNG plots and ``report.md`` with the tables laid out like the paper's.
 
 Runs whose settings or schema versions differ are never averaged together. An unreadable or
@@ -39,7 +40,7 @@ __all__ = ["Group", "ReportError", "Run", "build_report", "group_runs", "load_ru
 
 def build_report(output_dir: str | Path, out: str | Path | None = None, confusion: str | Path | None = None,
                  skip_invalid: bool = False, n_resamples: int = 10_000, seed: int = 0,
-                 plots: bool = True, baseline: str = "linear") -> list[Path]:
+                 plots: bool = True, baseline: str = "linear", cut_budgets: bool = False) -> list[Path]:
     """Read every run below output_dir and write the CSV tables, plots and report.md; returns the files."""
     source = Path(output_dir)
     runs = load_runs(source, skip_invalid)
@@ -58,7 +59,7 @@ def build_report(output_dir: str | Path, out: str | Path | None = None, confusio
             row["lr_selected_by"] = f"mean val {g.headline}"
             rows.append(row)
         written.append(write_csv(out_dir / "summary_lr_selected.csv", rows))
-    pairs = paired_rows(chosen, varying, n_resamples, seed, baseline)
+    pairs = paired_rows(chosen, varying, n_resamples, seed, baseline, cut_budgets)
     if pairs:
         written.append(write_csv(out_dir / "paired.csv", pairs))
     figures: list[Path] = []
@@ -84,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bootstrap_seed", type=int, default=0)
     parser.add_argument("--no_plots", action="store_true")
     parser.add_argument("--baseline", default="linear", help="the method every other method is compared with")
+    parser.add_argument("--compare_cut_budgets", action="store_true",
+                        help="also compute paired differences between methods when a run did not train for its "
+                             "method's intended step budget (marked in the report); by default they are refused")
     parser.add_argument("--wandb", action="store_true",
                         help="also upload the tables and plots to one Weights & Biases run (offline without a login)")
     args = parser.parse_args(argv)
@@ -92,7 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _write(args: argparse.Namespace) -> int:
     files = build_report(args.output_dir, args.out, args.confusion, args.skip_invalid,
-                         args.n_resamples, args.bootstrap_seed, not args.no_plots, args.baseline)
+                         args.n_resamples, args.bootstrap_seed, not args.no_plots, args.baseline,
+                         args.compare_cut_budgets)
     print(f"report written to {files[-1].parent}:")
     for path in files:
         print(f"  {path.name}")

@@ -38,6 +38,8 @@ def summary_row(group: Group, varying: Sequence[str]) -> dict:
         row[name] = _display(group.key.get(name))
     row["schema_version"] = _display(group.key.get("schema_version"))
     row["n_seeds"] = len(group.runs)
+    cut = sum(not r.budget_intended for r in group.runs)
+    row["budget"] = f"not intended in {cut} of {len(group.runs)} runs" if cut else "intended"
     row["seeds"] = ";".join(r.replicate_label for r in group.runs)
     for name in group.task.report_metrics:
         values = group.values("test", name)
@@ -169,8 +171,22 @@ def case_bootstrap(a: Group, b: Group, seeds: Sequence[int], n_resamples: int, s
                                       metric=first.headline, labels=labels)
 
 
+def budget_note(group: Group, replicates: Sequence[tuple[int, int]], varying: Sequence[str]) -> str:
+    """Why the runs of `group` on these replicates did not all train for their method's intended step budget
+    (results.json ``budget``), or "" when they did."""
+    cut = [r for r in group.runs if r.replicate in replicates and not r.budget_intended]
+    if not cut:
+        return ""
+    budget = cut[0].data.get("budget") or {}
+    what = f"n_iters {budget['n_iters']} ({budget.get('kind', '?')})" if budget.get("n_iters") is not None \
+        else "a budget"
+    origin = f" from {budget['from']}" if budget.get("from") else ""
+    steps = f", {budget['steps']} steps" if isinstance(budget.get("steps"), int) else ""
+    return f"{arm_label(group, varying)} trained {what}{origin}{steps}, not its method's intended budget"
+
+
 def paired_rows(groups: Sequence[Group], varying: Sequence[str], n_resamples: int = 10_000,
-                seed: int = 0, baseline: str = "linear") -> list[dict]:
+                seed: int = 0, baseline: str = "linear", cut_budgets: bool = False) -> list[dict]:
     """Arms on the same data (dataset, level, shots or percentage) and seeds, compared two by two.
 
     Only pairs that differ in one factor are compared: every method against the baseline method
@@ -180,6 +196,11 @@ def paired_rows(groups: Sequence[Group], varying: Sequence[str], n_resamples: in
     two-level bootstrap (seeds, then the same test images for both arms; needs predictions.csv),
     which adds the uncertainty of the finite test set. The seed-only bootstrap (seed_boot_*) is
     kept for reference only: it is not valid below about 10 seeds (at 3 it is close to [min, max]).
+
+    Budgets: a difference between two methods is not computed when a run of either arm did not train for
+    its method's intended step budget (e.g. a sweep's --n_iters that shortened another method's heads);
+    its row says why in ``budget``. With cut_budgets it is computed and the row is marked instead. Arms of
+    one method share the budget's meaning, so their differences are computed and marked.
     """
     by_context: dict[tuple, list[Group]] = defaultdict(list)
     for group in groups:
@@ -193,15 +214,21 @@ def paired_rows(groups: Sequence[Group], varying: Sequence[str], n_resamples: in
                 seeds, va, vb, mismatched = _pair_values(a, b)
                 if kind is None or not seeds:
                     continue
-                d = paired_bootstrap(va, vb, n_resamples=n_resamples, seed=seed)
-                cases = case_bootstrap(a, b, seeds, n_resamples, seed)
+                notes = [n for n in (budget_note(a, seeds, varying), budget_note(b, seeds, varying)) if n]
+                refused = bool(notes) and not cut_budgets and a.config.method != b.config.method
+                if refused:
+                    d = paired_bootstrap([], [])  # every field NaN: no difference is printed
+                    cases = None
+                else:
+                    d = paired_bootstrap(va, vb, n_resamples=n_resamples, seed=seed)
+                    cases = case_bootstrap(a, b, seeds, n_resamples, seed)
                 rows.append({
                     "dataset": context[4] or context[0], "level": context[1], "shots": context[2],
                     "percentage": context[3],
                     "comparison": kind, "a": arm_label(a, varying), "b": arm_label(b, varying),
                     "lr_a": "" if a.lr is None else a.lr, "lr_b": "" if b.lr is None else b.lr,
                     "metric": f"test {a.headline}",
-                    "n_seeds": d.n, "seeds": ";".join(f"{s}" if f < 0 else f"{s}/fold{f}" for s, f in seeds),
+                    "n_seeds": len(seeds), "seeds": ";".join(f"{s}" if f < 0 else f"{s}/fold{f}" for s, f in seeds),
                     "a_mean": summarize(va).mean, "b_mean": summarize(vb).mean, "mean_diff": d.mean,
                     "t_low": d.t_low, "t_high": d.t_high,
                     "boot_low": cases.boot_low if cases else math.nan,
@@ -210,6 +237,8 @@ def paired_rows(groups: Sequence[Group], varying: Sequence[str], n_resamples: in
                     "seed_boot_low": d.boot_low, "seed_boot_high": d.boot_high,
                     "n_split_mismatch": mismatched,
                     "n_resamples": n_resamples,
+                    "budget": ("not compared: " if refused else "marked: ") + "; ".join(notes) if notes
+                    else "intended",
                 })
     return rows
 
@@ -500,14 +529,25 @@ def markdown_report(source: Path, runs: Sequence[Run], groups: Sequence[Group], 
                    "randomness) moves the difference."), "",
                   "| Dataset | Data | Comparison | a | b | seeds | a − b | t 95% CI | seeds + images 95% CI |",
                   "|---|---|---|---|---|---|---|---|---|"]
+        notes = []
         for p in pairs:
             data = f"{p['percentage']:g}%" if p["percentage"] != "" else (
                 "all" if p["shots"] == -1 else f"K={p['shots']}")
             dataset = p["dataset"] + (f" ({p['level']})" if p["level"] else "")
+            diff = _pp(p["mean_diff"])
+            if p["budget"] != "intended":
+                notes.append(f"{len(notes) + 1}. {p['comparison']} ({p['a']} vs {p['b']}): {p['budget']}")
+                refused = p["budget"].startswith("not compared")
+                mark = f"budget, note {len(notes)}"
+                diff = f"not compared ({mark})" if refused else f"{diff} ⚠ ({mark})"
             lines.append(f"| {dataset} | {data} | {p['comparison']} | {p['a']} | {p['b']} | {p['n_seeds']} | "
-                         f"{_pp(p['mean_diff'])} | [{_pp(p['t_low'])}, {_pp(p['t_high'])}] | "
+                         f"{diff} | [{_pp(p['t_low'])}, {_pp(p['t_high'])}] | "
                          f"[{_pp(p['boot_low'])}, {_pp(p['boot_high'])}] |")
         lines.append("")
+        if notes:
+            lines += ["Budgets: a run that did not train for its method's intended step budget (a flag such as a "
+                      "sweep's --n_iters changed it) makes a comparison between methods meaningless; such "
+                      "differences are not computed (--compare_cut_budgets prints them, marked).", "", *notes, ""]
     if figures:
         lines += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
     return "\n".join(lines)
