@@ -40,7 +40,7 @@ class RunConfig:
     # optimisation (CLIP-LoRA's defaults; --preset expN sets the paper's own commands)
     lr: float | None = 2e-4  # None: the method trains nothing
     n_iters: int | None = 500  # None: the method trains nothing
-    # where n_iters came from: "flag", "preset", "demo" or "default" (the run's intended budget unless "flag")
+    # where n_iters came from: "flag", "paper", "preset", "demo" or "default" (the intended budget unless "flag")
     n_iters_from: str | None = "default"
     batch_size: int = 32
     pos_weight: str = "none"  # multi-label: "auto" weights each label's positives by negatives/positives
@@ -85,8 +85,9 @@ DEMO_DATASET = RunConfig.dataset  # the dataset of a command that names none: th
 RUNTIME_FIELDS = frozenset({"output_dir", "device", "num_workers", "wandb", "wandb_project", "wandb_entity",
                             "overwrite", "eval_only", "run",
                             "checkpoint_every", "compile", "demo"})
-# Recorded, but derived from the others: two runs that differ only here compute the same thing.
-DERIVED_FIELDS = frozenset({"preset", "experiment", "warnings", "n_iters_from"})
+# Recorded, but derived from the others: two runs that differ only here compute the same thing (num_classes is
+# a check of the data, as the paper's commands pass it).
+DERIVED_FIELDS = frozenset({"preset", "experiment", "warnings", "n_iters_from", "num_classes"})
 
 
 def computing_settings(config: RunConfig) -> dict:

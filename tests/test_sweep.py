@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -385,6 +386,9 @@ MISTAKES = [
     (["--folds", "3", "--extra", "--cv 5"], "drop --cv from --extra"),
     (["--folds", "3", "--extra", "--fold=1 --r 4"], "drop --fold from --extra"),
     (["--folds", "3"], "--folds applies to folder and csv data"),  # demo has its own validation split
+    (["--root_path", "data\nset"], "control character"),  # would split the SLURM script's lines
+    (["--extra", "--r 4\t--alpha 2"], "control character"),
+    (["--extra", "--alpha nan"], "finite"),
 ]
 
 
@@ -582,3 +586,104 @@ def test_folds_reach_the_slurm_array(tmp_path, two_class_root, monkeypatch, caps
     folders = (folder / "run_dirs.txt").read_text().splitlines()
     assert [c.split("--cv ")[1].split()[:3] for c in commands] == [["3", "--fold", str(i)] for i in range(3)]
     assert [Path(f).name.split("-")[1] for f in folders] == ["fold0of3", "fold1of3", "fold2of3"]
+
+
+# -- budgets: a sweep's --n_iters means one thing -------------------------------------------------------------
+def _commands(done) -> dict[str, list[list[str]]]:
+    out: dict[str, list[list[str]]] = {}
+    for line in done.stdout.strip().splitlines()[1:]:
+        words = shlex.split(line.split(" > ")[0])
+        out.setdefault(words[words.index("--method") + 1], []).append(words[1:])  # the script, then its flags
+    return out
+
+
+def test_n_iters_for_lora_does_not_shorten_the_heads_and_untrained_methods_have_no_lr(tmp_path, capsys):
+    done = sweep_main(capsys, "--experiment", "1", "--methods", "simpleshot linear lora", "--datasets", "demo",
+                      "--models", "tiny_clip", "--seeds", "1", "--lrs", "1e-3 1e-2", "--n_iters", "2",
+                      "--output_dir", str(tmp_path), "--dry_run")
+    assert done.returncode == 0, done.stderr
+    commands = _commands(done)
+    assert all("--n_iters" in c and c[c.index("--n_iters") + 1] == "2" for c in commands["lora"])
+    assert all("--n_iters" not in c for c in commands["linear"] + commands["simpleshot"])
+    assert "--n_iters 2 applies to lora" in done.stderr and "linear keep" in done.stderr
+    # simpleshot trains nothing: one run (no lr axis), no lr in its folder or settings
+    (simple,) = commands["simpleshot"]
+    assert "--lr" not in simple and "/lr" not in " ".join(simple)
+    config = parse_config(simple[1:], "simpleshot", notify=False)
+    assert config.lr is None and config.n_iters is None
+    assert "/lr" not in str(run_dir(config))
+    linear = [parse_config(c[1:], "linear", notify=False) for c in commands["linear"]]
+    assert {(c.n_iters, c.n_iters_from) for c in linear} == {(50, "preset")}  # experiment 1's own budget
+    lora = parse_config(commands["lora"][0][1:], "lora", notify=False)
+    assert (lora.n_iters, lora.n_iters_from) == (2, "flag")  # a cut budget, recorded as such
+
+
+def test_n_iters_applies_to_feature_heads_when_no_method_counts_shots(tmp_path, capsys):
+    done = sweep_main(capsys, "--methods", "linear prototype knn", "--datasets", "demo", "--models", "tiny_clip",
+                      "--seeds", "1", "--shots", "2", "--n_iters", "7", "--output_dir", str(tmp_path), "--dry_run")
+    commands = _commands(done)
+    assert all(c[c.index("--n_iters") + 1] == "7" for m in ("linear", "prototype") for c in commands[m])
+    assert all("--n_iters" not in c for c in commands["knn"])
+
+
+# -- stopping a sweep stops its runs; a run still going is not started twice --------------------------------
+def _slow_sweep(root: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "utils.sweep", "--experiment", "2", "--datasets", "folder", "--root_path",
+            str(root), "--models", "tiny_clip", "--shots", "4", "--seeds", "1", "--n_iters", "5000",
+            "--output_dir", str(out), "--extra", "--device cpu --batch_size 4 --num_workers 0 --checkpoint_every 0"]
+
+
+def _running_pid(out: Path, timeout: float = 120) -> tuple[int, Path]:
+    """The pid in the lock of the run folder the sweep started, once the run holds it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for lock in out.rglob(".lock"):
+            try:
+                return json.loads(lock.read_text())["pid"], lock.parent
+            except (OSError, ValueError, KeyError):
+                pass
+        time.sleep(0.2)
+    raise AssertionError(f"no run started below {out}")
+
+
+def _gone(pid: int, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_a_stopped_sweep_stops_its_run_and_a_killed_sweeps_run_is_not_started_again(tmp_path, two_class_root,
+                                                                                     capsys):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen(_slow_sweep(two_class_root, out), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    orphan, folder = _running_pid(out)
+    first.send_signal(signal.SIGKILL)  # the sweep dies at once; its run goes on
+    first.wait()
+    try:
+        assert not _gone(orphan, timeout=1)
+        again = sweep_main(capsys, *_slow_sweep(two_class_root, out)[3:])
+        assert again.returncode == 1
+        assert f"not started: process {orphan} on" in again.stdout
+    finally:
+        os.kill(orphan, signal.SIGTERM)
+    assert _gone(orphan)
+    second = subprocess.Popen(_slow_sweep(two_class_root, out), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    run_pid, _ = _running_pid(out)
+    while run_pid == orphan:  # the lock file of the stopped run may still be read for a moment
+        run_pid, _ = _running_pid(out)
+    second.send_signal(signal.SIGTERM)
+    stdout, stderr = second.communicate(timeout=120)
+    assert second.returncode == 128 + signal.SIGTERM, stderr
+    assert _gone(run_pid, timeout=5)  # the run stopped with its sweep
+    assert (folder / "checkpoint.pt").is_file()  # after saving its checkpoint
+    assert "rerun the same command to resume" in stderr

@@ -280,15 +280,19 @@ def trains_something(method, settings: dict) -> bool:
 
 
 def _budget(config: RunConfig, method, given: dict, saved: dict, preset: dict, demo: bool) -> None:
-    """Where n_iters came from (a flag, the preset, the demo, the repeated run or the default); a run that trains
-    nothing has no learning rate and no budget."""
+    """Where n_iters came from: "flag" (a value of the user's own, not the method's intended budget), "paper" (a
+    flag giving a paper preset's value), "preset", "demo" or "default" (a repeated run keeps its origin); a run
+    that trains nothing has no learning rate and no budget."""
     if not trains_something(method, config.method_settings):
         config.lr = None
         config.n_iters = None
         config.n_iters_from = None
         return
     if "n_iters" in given:
-        config.n_iters_from = "flag"
+        # a typed value that is the paper's (a preset's for this method) or the default is still the intended budget
+        paper = {p["n_iters"] for p in PRESETS.values() if p.get("method") == method.name and "n_iters" in p}
+        config.n_iters_from = ("paper" if config.n_iters in paper else
+                               "default" if config.n_iters == DEFAULTS.n_iters else "flag")
     elif "n_iters" in preset:
         config.n_iters_from = "preset"
     elif "n_iters" in saved:
