@@ -130,12 +130,13 @@ def is_finished(folder: str | Path) -> bool:
     return True
 
 
-def write_predictions(path: str | Path, rows: list[tuple[str, str, int, int, list[float]]],
-                      classes: list[str]) -> Path:
-    """predictions.csv: split, path, label, pred and one probability column per class, in class order."""
+def write_predictions(path: str | Path, rows: list[tuple], classes: list[str], extra_columns=()) -> Path:
+    """predictions.csv: split, path, label, pred, one probability column per class, in class order, and the
+    task's extra columns (e.g. the decided node of a class tree); rows are (split, path, label, pred, probs,
+    *extra values)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["split", "path", "label", "pred", *(f"p_{c}" for c in classes)])
-    for split, image, label, pred, probs in rows:
-        writer.writerow([split, image, label, pred, *(format(p, ".6g") for p in probs)])
+    writer.writerow(["split", "path", "label", "pred", *(f"p_{c}" for c in classes), *extra_columns])
+    for split, image, label, pred, probs, *extra in rows:
+        writer.writerow([split, image, label, pred, *(format(p, ".6g") for p in probs), *extra])
     return write_text_atomic(path, buffer.getvalue())

@@ -68,7 +68,8 @@ def run(config: RunConfig) -> int:
         with dist.main_writes() as writer:
             if writer:
                 ctx.split.write_manifest(ctx.out / res.SPLIT_FILE)
-                res.write_predictions(ctx.out / res.PREDICTIONS_FILE, evaluation.rows, evaluation.columns)
+                res.write_predictions(ctx.out / res.PREDICTIONS_FILE, evaluation.rows, evaluation.columns,
+                                    evaluation.extra_columns)
                 record = build_record(ctx, plan, evaluation.metrics, stages, trainable, **evaluation.extra)
                 path = res.write_results(ctx.out / res.RESULTS_FILE, record)
                 remove_checkpoints(ctx.out)
@@ -96,7 +97,8 @@ def _eval_only(ctx: RunContext, plan: Plan) -> int:
     evaluation = evaluate(ctx, plan)
     with dist.main_writes() as writer:
         if writer:
-            res.write_predictions(ctx.out / f"eval_{res.PREDICTIONS_FILE}", evaluation.rows, evaluation.columns)
+            res.write_predictions(ctx.out / f"eval_{res.PREDICTIONS_FILE}", evaluation.rows, evaluation.columns,
+                                    evaluation.extra_columns)
             path = res.write_results(out, build_record(ctx, plan, evaluation.metrics, [], 0, eval_only=True,
                                                   eval_seconds=round(time.perf_counter() - t0, 3),
                                                   **evaluation.extra))

@@ -57,9 +57,10 @@ def scorer(ctx, plan):
     return lambda x: plan.model.embed_images(x).float() @ prompts.t()
 
 
-def predictions_csv(names, probs, classes, record: dict) -> str:
+def predictions_csv(ctx, names, probs, record: dict) -> str:
     """`path,pred,p_<class>...`: the class whose prompt the image matches best, and the softmax of the cosine
     similarities to the class prompts."""
+    classes = list(ctx.split.classes)
     preds = [classes[i] for i in probs.argmax(dim=1).tolist()] if len(names) else []
     return probability_csv(names, probs, classes, preds)
 

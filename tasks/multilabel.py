@@ -54,9 +54,10 @@ def thresholds_of(record: dict, classes) -> list[float]:
     return [float(t) for t in chosen]
 
 
-def predictions_csv(names, probs, classes, record: dict) -> str:
+def predictions_csv(ctx, names, probs, record: dict) -> str:
     """`path,pred,p_<label>...`: the labels whose sigmoid probability reaches the run's validation threshold
     (joined by ';', empty for none) and one probability per label."""
+    classes = list(ctx.split.classes)
     thresholds = thresholds_of(record, classes)
     preds = [";".join(c for c, p, t in zip(classes, row, thresholds, strict=True) if p >= t)
              for row in probs.tolist()]

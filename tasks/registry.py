@@ -8,6 +8,7 @@ activation, and what predict and export write. The kind of a dataset (``Split.ta
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ class Evaluation:
     rows: list  # (part, path, label, pred, values of the probability columns)
     columns: list[str]  # the probability columns of predictions.csv (the classes; none for image-text pairs)
     extra: dict = field(default_factory=dict)
+    extra_columns: list[str] = field(default_factory=list)  # predictions.csv columns after the probabilities
 
 
 # predict(part, fn=None) -> (outputs, labels): the classifier's float32 outputs (or those of `fn`, a forward of
@@ -45,8 +47,9 @@ class Task:
     chance(n_classes): the headline's chance level, in its own units (None when it has none);
     loss(ctx) -> loss(outputs, labels); evaluate(ctx, plan, predict, parts, extras) -> Evaluation;
     scorer(ctx, plan) -> a function of normalised images giving the outputs predict turns into probabilities
-    (None: the classifier's own outputs); predictions_csv(names, probs, classes, record) -> CSV text;
-    export_info(record) -> what model.json says about the outputs (raise UserError when such runs do not export).
+    (None: the classifier's own outputs); predictions_csv(ctx, names, probs, record) -> CSV text;
+    export_info(record) -> what model.json says about the outputs (raise UserError when such runs do not export);
+    settings: a dataclass of the task's own settings (flags, like a method's), resolved by :func:`settings_of`.
     """
 
     name: str
@@ -65,6 +68,20 @@ class Task:
     scorer: Callable | None = None
     predictions_csv: Callable[..., str] | None = None
     export_info: Callable[[dict], dict] | None = None
+    settings: type | None = None
+
+    def setting_fields(self) -> tuple[dataclasses.Field, ...]:
+        return dataclasses.fields(self.settings) if self.settings else ()
+
+    def resolve(self, values: dict | None) -> object | None:
+        """The settings dataclass from given values (missing ones take their defaults); None without settings."""
+        values = dict(values or {})
+        known = {f.name for f in self.setting_fields()}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            takers = [t.name for t in _TASKS.values() if unknown[0] in {f.name for f in t.setting_fields()}]
+            raise UserError(f"--{unknown[0]} applies to {', '.join(takers) or 'no'} data, and this data is {self.name}")
+        return self.settings(**values) if self.settings else None
 
 
 _TASKS: dict[str, Task] = {}
@@ -84,6 +101,11 @@ def get_task(name: str | None) -> Task:
         return _TASKS[name]
     except KeyError:
         raise UserError(f"unknown kind of task '{name}'; known kinds: {', '.join(_TASKS)}") from None
+
+
+def settings_of(ctx, task: Task) -> object | None:
+    """The run's resolved settings of `task` (``config.task_settings``; defaults where a run has none)."""
+    return task.resolve(getattr(ctx.config, "task_settings", None))
 
 
 def task_names() -> tuple[str, ...]:

@@ -139,7 +139,7 @@ def predictions_csv(ctx, names: Sequence[str], probs: torch.Tensor) -> str:
 
     record_path = Path(ctx.out) / RESULTS_FILE
     record = read_results(record_path) if record_path.is_file() else {}
-    return get_task(ctx.split.task).predictions_csv(names, probs, list(ctx.split.classes), record)
+    return get_task(ctx.split.task).predictions_csv(ctx, names, probs, record)
 
 
 def _parser() -> argparse.ArgumentParser:
