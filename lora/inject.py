@@ -332,11 +332,14 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.enabled = enabled
 
 
-def apply_lora(model: nn.Module, params: str | tuple[str, ...] | list[str] = ("q", "v"), r: int = 2,
-               alpha: float = 1, dropout_rate: float = 0.25, position: str = "all", encoder: str = "vision",
-               scaling: str = "sqrt", dora: bool = False, original_attention: bool = False) -> list[nn.Module]:
+def apply_lora(model: nn.Module, params: str | tuple[str, ...] | list[str] | None = None, *,
+               settings: LoRASettings | None = None, **fields) -> list[nn.Module]:
     """Put LoRA (or, with ``dora=True``, DoRA) on the chosen projections of the chosen blocks and towers,
     freeze everything else.
+
+    Settings come whole (``settings=LoRASettings(...)``) or as LoRASettings fields (``params``, ``r=``,
+    ``alpha=``, ``dropout_rate=``, ``position=``, ``encoder=``, ``scaling=``, ``dora=``,
+    ``original_attention=``), whose defaults are LoRASettings' own: one definition of LoRA's defaults.
 
     ``original_attention=True`` (``--compat seed``) replaces each chosen timm fused-qkv attention by the
     original code's LoRA attention (:class:`lora.layers.OriginalAttentionLoRA`: one head over the full
@@ -346,8 +349,10 @@ def apply_lora(model: nn.Module, params: str | tuple[str, ...] | list[str] = ("q
     Returns the injected layers. Raises LoRAError, before changing anything, on a bad setting or when
     the model lacks a tower, block or projection that was asked for.
     """
-    settings = LoRASettings(params=params, r=r, alpha=alpha, dropout_rate=dropout_rate, position=position,
-                            encoder=encoder, scaling=scaling, dora=dora, original_attention=original_attention)
+    if settings is None:
+        settings = LoRASettings(**({"params": params} if params is not None else {}), **fields)
+    elif params is not None or fields:
+        raise LoRAError("give apply_lora either settings=LoRASettings(...) or its fields, not both")
     if lora_layers(model):
         raise LoRAError("the model already has LoRA layers; merge them (merge_lora) or start from a fresh model")
     plan = []

@@ -144,8 +144,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike, expected: dict | None =
     check_settings(saved, expected or {}, path)
     cfg = LoRASettings.from_dict(saved)
     if not lora_layers(model):
-        apply_lora(model, cfg.params, cfg.r, cfg.alpha, cfg.dropout_rate, cfg.position, cfg.encoder, cfg.scaling,
-                   dora=cfg.dora, original_attention=cfg.original_attention)
+        apply_lora(model, settings=cfg)
     _check_layers_match(model, cfg, f"load_lora({path})")
     own = lora_state_dict(model)
     with safe_open(str(path), framework="pt") as f:

@@ -43,8 +43,7 @@ def build(ctx, s: LoRAMethodSettings, dora: bool = False) -> Plan:
     # it (lora.layers.OriginalAttentionLoRA); LoRA only: the original has no DoRA to reproduce
     original = ctx.config.compat == "seed" and not dora
     lora = s.lora(ctx.model_label, dora, original)
-    apply_lora(ctx.spec.model, params=s.params, r=s.r, alpha=s.alpha, dropout_rate=s.dropout_rate,
-               position=s.position, encoder=s.encoder, scaling=s.scaling, dora=dora, original_attention=original)
+    apply_lora(ctx.spec.model, settings=lora)
     replaced = any(isinstance(m, OriginalAttentionLoRA) for m in ctx.spec.model.modules())
     notes = compat_notes(ctx, *(["original_attention"] if replaced else []))
 
