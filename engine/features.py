@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from common.io import atomic_write, file_identity
@@ -42,6 +43,18 @@ def cache_key(spec, backbone: str | None, samples: Sequence[tuple[str, int]], pr
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def _read_cached(path: Path) -> dict | None:
+    """A cache file's tensors; None when it is absent or not a readable safetensors file of features (it is
+    then computed again and replaced)."""
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError):
+        return None
+    return tensors if {"features", "labels"} <= set(tensors) else None
+
+
 def extract_features(
     spec,
     samples: Sequence[tuple[str, int]],
@@ -58,8 +71,8 @@ def extract_features(
     gets all the features; only rank 0 writes the cache.
     """
     path = cache_root() / f"{cache_key(spec, backbone, samples, precision)}.safetensors"
-    if dist.all_agree(path.is_file()):  # one decision for all ranks: they must run the same collectives
-        tensors = load_file(path)
+    tensors = _read_cached(path)
+    if dist.all_agree(tensors is not None):  # one decision for all ranks: they must run the same collectives
         return tensors["features"], tensors["labels"]
     mean = torch.tensor(spec.mean, device=device)
     std = torch.tensor(spec.std, device=device)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -38,8 +38,12 @@ def load_weights(ctx: RunContext, plan: Plan, folder: Path) -> None:
     path = folder / WEIGHTS_FILE
     if not path.is_file():
         raise UserError(f"no trained weights at {path}: point --run at a finished run folder of a trained method")
-    with safe_open(str(path), "pt") as f:
-        saved = {"compat": "none"} | (f.metadata() or {})  # files written before --compat existed: none
+    try:
+        with safe_open(str(path), "pt") as f:
+            saved = {"compat": "none"} | (f.metadata() or {})  # files written before --compat existed: none
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{path} is not a readable safetensors file ({exc}): rerun the run with --overwrite to "
+                        "train it again") from None
     for key, value in _identity(ctx).items():
         if saved.get(key) != value:
             raise UserError(f"{path} was saved with {key} {saved.get(key)}, but this run has {value}: "

@@ -278,3 +278,96 @@ def test_a_pickle_in_the_image_check_cache_runs_nothing_and_the_images_are_check
     monkeypatch.setattr(datasets, "load_image", lambda p: decoded.append(p) or real(p))
     check_decodable(paths, cache)
     assert not marker.exists() and decoded == paths
+
+
+# -- every other file the tool reads, planted with a pickle -------------------------------------
+TINY = ["--model_name", "tiny_clip", "--device", "cpu", "--num_workers", "0", "--batch_size", "8", "--shots", "2",
+        "--n_iters", "1", "--warmup_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def finished_runs(folder_root, tmp_path_factory):
+    """A finished LoRA run and linear run (its features cached) in a cache of their own: (lora folder, linear
+    args, cache folder)."""
+    from tests.conftest import run_entry
+
+    base = tmp_path_factory.mktemp("trust")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CYTOLORA_CACHE", str(base / "cache"))
+        common = ["--root_path", str(folder_root), "--dataset", "folder", *TINY]
+        p = run_entry("main_lora.py", *common, "--output_dir", str(base / "lora"))
+        assert p.returncode == 0, p.stderr
+        linear = ["--method", "linear", *common]
+        p = run_entry("main.py", *linear, "--output_dir", str(base / "linear"))
+        assert p.returncode == 0, p.stderr
+    (results,) = (base / "lora").rglob("results.json")
+    return results.parent, linear, base / "cache"
+
+
+def _copy_run(folder: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(folder, tmp_path / "run"))
+
+
+def _assert_one_line_error(p, marker: Path) -> None:
+    assert not marker.exists(), "a planted pickle ran"
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert len([line for line in p.stderr.splitlines() if line.startswith("error:")]) == 1, p.stderr
+
+
+@pytest.mark.parametrize("name", ["results.json", "weights.safetensors"])
+def test_a_pickle_in_a_run_file_never_runs_and_eval_only_says_so_in_one_line(finished_runs, tmp_path, name):
+    from tests.conftest import run_entry
+
+    run = _copy_run(finished_runs[0], tmp_path)
+    marker = tmp_path / "marker"
+    plant(run / name, marker)
+    p = run_entry("main_lora.py", "--eval_only", "--run", str(run), "--device", "cpu", "--num_workers", "0",
+                  "--overwrite")
+    _assert_one_line_error(p, marker)
+    p = run_entry("main_lora.py", "--from", str(run / "results.json"), "--output_dir", str(tmp_path / "again"))
+    assert not marker.exists()
+    if name == "results.json":
+        _assert_one_line_error(p, marker)
+
+
+def test_a_pickle_in_an_adapter_or_the_split_manifest_never_runs(finished_runs, tmp_path):
+    from lora import load_lora
+    from lora.io import LoRAError
+    from models import load_model
+    from tests.conftest import run_entry
+
+    run = _copy_run(finished_runs[0], tmp_path)
+    marker = tmp_path / "marker"
+    plant(run / "lora.safetensors", marker)
+    with pytest.raises(LoRAError) as caught:
+        load_lora(load_model("tiny_clip").model, run / "lora.safetensors")
+    _one_line(caught.value)
+    plant(run / "split.json", marker)  # a record for people: nothing reads it back
+    p = run_entry("main_lora.py", "--eval_only", "--run", str(run), "--device", "cpu", "--num_workers", "0",
+                  "--overwrite")
+    assert p.returncode == 0, p.stderr
+    assert not marker.exists()
+
+
+def test_a_pickle_in_the_feature_cache_never_runs(finished_runs, tmp_path, monkeypatch):
+    from tests.conftest import run_entry
+
+    _, linear, cache = finished_runs
+    mine = tmp_path / "cache"
+    import shutil
+
+    shutil.copytree(cache, mine)
+    monkeypatch.setenv("CYTOLORA_CACHE", str(mine))
+    marker = tmp_path / "marker"
+    files = sorted((mine / "features").glob("*.safetensors"))
+    assert files
+    for path in files:
+        plant(path, marker)
+    p = run_entry("main.py", *linear, "--output_dir", str(tmp_path / "out"))
+    assert not marker.exists()
+    assert p.returncode == 0, p.stderr  # a cache: computed again and replaced
+    from safetensors.torch import load_file
+
+    assert {"features", "labels"} <= set(load_file(files[0]))
