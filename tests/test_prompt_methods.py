@@ -1,0 +1,215 @@
+"""Prompt learning (models/prompts.py and the methods on it): each method's defining property on tiny_clip /
+tiny_vit, frozen towers, and every prompt method end to end through the entry point with --eval_only."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import main_lora
+from common.errors import UserError
+from engine.config import RunConfig
+from engine.context import RunContext
+from methods import get_method
+from models import load_model
+from models.prompts import ClassPrompts, VisualPrompts, text_tower, visual_tower
+
+CLASSES = ["blue", "red", "green-ish"]  # the folder fixture's classes
+TINY = ["--model_name", "tiny_clip", "--device", "cpu", "--num_workers", "0", "--batch_size", "8"]
+PROMPT_METHODS = ("coop", "kgcoop", "prograd")
+
+
+@pytest.fixture(scope="module")
+def spec():
+    s = load_model("tiny_clip")
+    s.model.requires_grad_(False)
+    return s.model.eval() and s
+
+
+def make_ctx(spec, tmp_path, **config) -> RunContext:
+    split = SimpleNamespace(classes=CLASSES, task="single_label", train=[("x", i % 3) for i in range(6)],
+                            counts=lambda: {"train": {c: 2 for c in CLASSES}})
+    config = {"model_name": "tiny_clip", "dataset": "folder", "n_iters": 1, "shots": 2, **config}
+    return RunContext(RunConfig(**config), tmp_path, split, spec, torch.device("cpu"), "fp32")
+
+
+def build(name, ctx, **settings):
+    method = get_method(name)
+    return method.build(ctx, method.resolve(settings))
+
+
+def images(spec, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, spec.input_size, spec.input_size, generator=g)
+
+
+def text_state(spec) -> dict:
+    return {k: v.clone() for k, v in spec.model.state_dict().items()}
+
+
+# -- the towers ------------------------------------------------------------------------------------------
+def test_prompts_from_their_own_text_encode_exactly_as_the_model(spec):
+    tokens = spec.tokenizer(["a photo of a red cell.", "a photo of a blue cell."])
+    prompts = ClassPrompts(text_tower(spec), tokens, 4, "text")
+    with torch.no_grad():
+        assert torch.equal(prompts(), spec.model.encode_text(tokens))
+        moved = prompts(prompts.ctx + torch.randn(prompts.ctx.shape, generator=torch.Generator().manual_seed(0)))
+    assert not torch.allclose(moved, spec.model.encode_text(tokens), atol=1e-3)
+
+
+@pytest.mark.parametrize("key", ["tiny_clip", "tiny_vit"])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_hidden_visual_prompts_give_the_frozen_models_features(key, depth):
+    s = load_model(key)
+    s.model.eval()
+    x = images(s, 3)
+    prompts = VisualPrompts(visual_tower(s), 3, depth)
+    with torch.no_grad():
+        frozen = s.encode_image(x)
+        assert torch.allclose(prompts(x, hide_prompts=True), frozen, atol=1e-5)
+        assert not torch.allclose(prompts(x), frozen, atol=1e-3)  # seen, the prompts change the features
+
+
+def test_transformers_clip_towers_take_prompts():
+    from transformers import CLIPConfig, CLIPModel
+
+    from models import hf_clip
+
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config={**small, "max_position_embeddings": 77}, projection_dim=16,
+                                 vision_config={**small, "image_size": 32, "patch_size": 8})).eval()
+    s = SimpleNamespace(model=model, has_text=True, key="hf")
+    tokens = load_model("tiny_clip").tokenizer(["a photo of a red cell."])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ClassPrompts(text_tower(s), tokens, 4, "text")(), hf_clip.encode_text(model, tokens),
+                              atol=1e-6)
+        assert torch.allclose(VisualPrompts(visual_tower(s), 2, 2)(x, hide_prompts=True),
+                              hf_clip.encode_image(model, x), atol=1e-5)
+
+
+# -- coop --------------------------------------------------------------------------------------------------
+def test_coop_from_a_photo_of_a_predicts_exactly_as_zero_shot_with_that_prompt(spec, tmp_path):
+    from tasks.text import class_text_embeddings
+
+    ctx = make_ctx(spec, tmp_path)
+    plan = build("coop", ctx, ctx_init="a photo of a")
+    assert plan.model.prompts.n_ctx == 4  # the phrase's tokens, not --n_ctx 16
+    x = images(spec)
+    text = class_text_embeddings(ctx, ["a photo of a {}."])
+    with torch.no_grad():
+        zero_shot = spec.logit_scale * F.normalize(spec.encode_image(x), dim=-1) @ text.t()
+        logits = plan.model.eval()(x)
+    assert torch.allclose(logits, zero_shot, atol=1e-5)
+    assert torch.equal(logits.argmax(1), zero_shot.argmax(1))
+
+
+def test_coop_contexts_shared_per_class_and_random(spec, tmp_path):
+    ctx = make_ctx(spec, tmp_path)
+    shared = build("coop", ctx).model.prompts
+    assert shared.ctx.shape == (16, text_tower(spec).width) and 0.01 < shared.ctx.std() < 0.03
+    per_class = build("coop", ctx, class_specific_ctx=True, n_ctx=2).model.prompts
+    assert per_class.ctx.shape == (3, 2, text_tower(spec).width)
+    with pytest.raises(UserError, match="--n_ctx must be at least 1"):
+        build("coop", ctx, n_ctx=0)
+
+
+def test_coop_needs_a_text_tower(tmp_path):
+    s = load_model("tiny_vit")
+    with pytest.raises(UserError, match="needs a text tower"):
+        build("coop", make_ctx(s, tmp_path, model_name="tiny_vit"))
+
+
+def test_coop_trains_on_the_paper_schedule_unless_n_iters_is_given(spec, tmp_path):
+    paper = build("coop", make_ctx(spec, tmp_path, shots=2, warmup_steps=1, batch_size=4, n_iters_from="default"))
+    assert paper.notes == {"epochs": 100, "epochs_from": "paper"}  # CoOp: 100 epochs at 2 shots
+    assert paper.stages[0].steps == 1 + 100 * 2  # 6 train images in batches of 4
+    given = build("coop", make_ctx(spec, tmp_path, warmup_steps=1, batch_size=4, n_iters=3, n_iters_from="flag"))
+    assert given.notes == {"epochs": 3, "epochs_from": "n_iters"} and given.stages[0].steps == 1 + 3 * 2
+
+
+# -- kgcoop ------------------------------------------------------------------------------------------------
+def test_kgcoop_penalty_is_zero_at_start_and_grows_as_the_context_moves(spec, tmp_path):
+    plan = build("kgcoop", make_ctx(spec, tmp_path))
+    model = plan.model.train()
+    model(images(spec))
+    assert plan.stages[0].extra_loss(model).item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        model.prompts.ctx.add_(0.05 * torch.randn_like(model.prompts.ctx))
+    model(images(spec))
+    assert plan.stages[0].extra_loss(model).item() > 1e-4
+
+
+# -- prograd -----------------------------------------------------------------------------------------------
+def test_prograd_gradient_never_points_against_the_zero_shot_gradient(spec, tmp_path):
+    plan = build("prograd", make_ctx(spec, tmp_path))
+    model = plan.model.train()
+    ctx_param = model.prompts.ctx
+    with torch.no_grad():  # away from the start, where the model is the zero-shot one and the KL gradient is 0
+        ctx_param.add_(0.5 * torch.randn(ctx_param.shape, generator=torch.Generator().manual_seed(0)))
+    x = images(spec, 8)
+    image = model.image_features(x)
+    conflicts = 0
+    for seed in range(12):  # label draws: some give a cross-entropy gradient that conflicts with the KL one
+        labels = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(seed))
+        logits = model(x)
+        model._computing_reference = True  # the hook off: the unprojected gradients, for comparison
+        raw = torch.autograd.grad(F.cross_entropy(logits, labels), ctx_param, retain_graph=True)[0]
+        kl = torch.autograd.grad(model.kl_loss(logits, image), ctx_param, retain_graph=True)[0]
+        model._computing_reference = False
+        ctx_param.grad = None
+        F.cross_entropy(logits, labels).backward()  # what the engine does: the hook projects
+        projected = ctx_param.grad
+        assert (projected * kl).sum() >= -1e-5 * raw.norm() * kl.norm()
+        if (raw * kl).sum() < -1e-2 * raw.norm() * kl.norm():
+            conflicts += 1
+            unit = kl / kl.norm()
+            assert torch.allclose(projected, raw - (raw * unit).sum() * unit, atol=1e-7)
+        else:
+            assert torch.equal(projected, raw)
+    assert conflicts >= 2  # the projection was exercised, not only the agreeing case
+
+
+# -- every prompt method -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", PROMPT_METHODS)
+def test_training_leaves_every_model_weight_unchanged(name, spec, tmp_path):
+    before = text_state(spec)
+    plan = build(name, make_ctx(spec, tmp_path))
+    model = plan.model.train()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(not p.requires_grad for p in spec.model.parameters())
+    optimizer = torch.optim.AdamW(trained, lr=0.1)
+    for _ in range(2):
+        loss = F.cross_entropy(model(images(spec)), torch.tensor([0, 1, 2, 0, 1, 2]))
+        if plan.stages[0].extra_loss is not None:
+            loss = loss + plan.stages[0].extra_loss(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = spec.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(model.prompts.ctx, build(name, make_ctx(spec, tmp_path)).model.prompts.ctx)
+
+
+def _result(out: Path, name: str = "results.json") -> tuple[dict, Path]:
+    found = sorted(out.rglob(name))
+    assert len(found) == 1, found
+    return json.loads(found[0].read_text()), found[0].parent
+
+
+@pytest.mark.parametrize("name", PROMPT_METHODS)
+def test_prompt_methods_run_end_to_end_and_reload(name, folder_root, tmp_path):
+    args = ["--method", name, "--root_path", str(folder_root), "--dataset", "folder", "--shots", "2",
+            "--n_iters", "1", "--warmup_steps", "1", "--output_dir", str(tmp_path), *TINY]
+    assert main_lora.main(args) == 0
+    r, folder = _result(tmp_path)
+    assert r["method"] == name and r["stages"][0]["steps_run"] == r["stages"][0]["steps"] == 1 + 1
+    assert r["method_notes"]["epochs_from"] == "n_iters"
+    assert 0 < r["trainable_params"] <= 16 * 32  # the context tokens only
+    assert main_lora.main([*args, "--eval_only", "--run", str(folder)]) == 0
+    again = json.loads((folder / "eval_results.json").read_text())
+    assert again["metrics"]["test"] == r["metrics"]["test"]
