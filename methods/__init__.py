@@ -24,6 +24,7 @@ from methods import (  # noqa: F401  (each import registers its method)
     svd,
     taskres,
     tip_adapter,
+    vpt,
     zeroshot,
 )
 from methods.registry import Method, MethodError, Plan, Stage, get_method, method_names, methods, register

@@ -19,7 +19,7 @@ from models.prompts import ClassPrompts, VisualPrompts, text_tower, visual_tower
 
 CLASSES = ["blue", "red", "green-ish"]  # the folder fixture's classes
 TINY = ["--model_name", "tiny_clip", "--device", "cpu", "--num_workers", "0", "--batch_size", "8"]
-PROMPT_METHODS = ("coop", "kgcoop", "prograd")
+PROMPT_METHODS = ("coop", "kgcoop", "prograd")  # text-prompt methods trained by the engine
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +174,34 @@ def test_prograd_gradient_never_points_against_the_zero_shot_gradient(spec, tmp_
     assert conflicts >= 2  # the projection was exercised, not only the agreeing case
 
 
+# -- vpt ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("key, head", [("tiny_clip", "text"), ("tiny_vit", "linear")])
+@pytest.mark.parametrize("depth", [1, 0])
+def test_vpt_with_hidden_prompts_is_the_frozen_model_under_its_head(key, head, depth, tmp_path):
+    s = load_model(key)
+    s.model.requires_grad_(False)
+    plan = build("vpt", make_ctx(s, tmp_path, model_name=key), prompt_depth=depth)
+    model = plan.model.eval()
+    assert plan.notes["head"] == head and plan.notes["prompt_depth"] == (1 if depth else 2 if key == "tiny_clip" else 6)
+    x = images(s, 4)
+    with torch.no_grad():
+        frozen = model.head(s.encode_image(x))
+        assert torch.allclose(model.head(model.visual_prompts(x, hide_prompts=True)), frozen, atol=1e-5)
+        assert not torch.allclose(model(x), frozen, atol=1e-4)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {"visual_prompts.tokens"} | ({"head.weight", "head.bias"} if head == "linear" else set())
+    assert trained == expected
+
+
+def test_vpt_refuses_a_convolutional_model_in_one_line(tmp_path):
+    s = load_model("efficientnet_lite0", weights="random")
+    with pytest.raises(UserError, match=r"need a vision transformer, and efficientnet_lite0 is a \w+, not one") as e:
+        build("vpt", make_ctx(s, tmp_path, model_name="efficientnet_lite0"))
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="--prompt_depth 3: this model has 2 blocks"):
+        build("vpt", make_ctx(load_model("tiny_clip"), tmp_path), prompt_depth=3)
+
+
 # -- every prompt method -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", PROMPT_METHODS)
 def test_training_leaves_every_model_weight_unchanged(name, spec, tmp_path):
@@ -201,15 +229,15 @@ def _result(out: Path, name: str = "results.json") -> tuple[dict, Path]:
     return json.loads(found[0].read_text()), found[0].parent
 
 
-@pytest.mark.parametrize("name", PROMPT_METHODS)
-def test_prompt_methods_run_end_to_end_and_reload(name, folder_root, tmp_path):
+@pytest.mark.parametrize("name, model", [*((n, "tiny_clip") for n in PROMPT_METHODS), ("vpt", "tiny_vit")])
+def test_prompt_methods_run_end_to_end_and_reload(name, model, folder_root, tmp_path):
     args = ["--method", name, "--root_path", str(folder_root), "--dataset", "folder", "--shots", "2",
-            "--n_iters", "1", "--warmup_steps", "1", "--output_dir", str(tmp_path), *TINY]
+            "--n_iters", "1", "--warmup_steps", "1", "--output_dir", str(tmp_path), *TINY, "--model_name", model]
     assert main_lora.main(args) == 0
     r, folder = _result(tmp_path)
     assert r["method"] == name and r["stages"][0]["steps_run"] == r["stages"][0]["steps"] == 1 + 1
     assert r["method_notes"]["epochs_from"] == "n_iters"
-    assert 0 < r["trainable_params"] <= 16 * 32  # the context tokens only
+    assert 0 < r["trainable_params"] <= 16 * 64 + 65 * 3  # the prompt tokens (and VPT's linear head) only
     assert main_lora.main([*args, "--eval_only", "--run", str(folder)]) == 0
     again = json.loads((folder / "eval_results.json").read_text())
     assert again["metrics"]["test"] == r["metrics"]["test"]
