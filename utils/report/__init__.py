@@ -64,12 +64,13 @@ def build_report(output_dir: str | Path, out: str | Path | None = None, confusio
         written.append(write_csv(out_dir / "paired.csv", pairs))
     figures: list[Path] = []
     if plots:
-        figures += plot_curves(chosen, varying, out_dir) + plot_methods(chosen, varying, out_dir)
-        figures += plot_reliability(chosen, varying, out_dir) + plot_confusion_sums(chosen, varying, out_dir)
+        figures += plot_curves(chosen, varying, out_dir, baseline) + plot_methods(chosen, varying, out_dir, baseline)
+        figures += plot_reliability(chosen, varying, out_dir, baseline)
+        figures += plot_confusion_sums(chosen, varying, out_dir, baseline)
         if confusion:
             figures.append(plot_confusion(confusion, out_dir))
     report = out_dir / "report.md"
-    report.write_text(markdown_report(source, runs, groups, chosen, several, varying, pairs, figures))
+    report.write_text(markdown_report(source, runs, groups, chosen, several, varying, pairs, figures, baseline))
     return written + figures + [report]
 
 

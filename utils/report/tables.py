@@ -12,7 +12,7 @@ import numpy as np
 
 from engine.config import RunConfig, method_label, model_label
 from engine.results import PREDICTIONS_FILE
-from evaluation.stats import ROW_METRICS, paired_bootstrap, summarize, two_level_paired_bootstrap
+from evaluation.stats import ROW_METRICS, Summary, paired_bootstrap, summarize, two_level_paired_bootstrap
 from utils.report.load import (
     CONTEXT_FIELDS,
     HEADLINE,
@@ -89,6 +89,16 @@ def _arm_rank(group: Group, baseline: str = "linear") -> tuple:
     """Order within a pair so differences read method - baseline and pretrained - random."""
     c = group.config
     return (1 if c.method == baseline else 0, 1 if c.weights == "random" else 0, _group_order(group))
+
+
+def display_rank(baseline: str = "linear"):
+    """The order of arms in tables and figures: the baseline method first, pretrained before random weights."""
+
+    def rank(group: Group) -> tuple:
+        c = group.config
+        return (0 if c.method == baseline else 1, 1 if c.weights == "random" else 0, _group_order(group))
+
+    return rank
 
 
 def _factors(group: Group) -> dict[str, str]:
@@ -266,15 +276,23 @@ def _csv_value(value: object) -> object:
     return value
 
 
-def _cell(group: Group, metric: str, n_max: int) -> str:
-    """'mean ± half-width' in percent, with (n=k) when fewer seeds than elsewhere in the table."""
-    s = summarize(group.values("test", metric))
+def interval_text(s: Summary) -> str:
+    """A mean and its 95% t-interval in percent, written the same way in every table: 'mean ± half-width' when
+    the interval lies in [0, 100], else 'mean [low, high]' with the interval clipped to [0, 100]."""
     if math.isnan(s.mean):
         return "–"
     text = f"{100 * s.mean:.1f}"
-    if not math.isnan(s.ci_low):
-        text += f" ± {100 * (s.ci_high - s.ci_low) / 2:.1f}"
-    if len(group.runs) != n_max:
+    if math.isnan(s.ci_low):
+        return text
+    if s.ci_low >= 0.0 and s.ci_high <= 1.0:
+        return f"{text} ± {100 * (s.ci_high - s.ci_low) / 2:.1f}"
+    return f"{text} [{100 * max(0.0, s.ci_low):.1f}, {100 * min(1.0, s.ci_high):.1f}]"
+
+
+def _cell(group: Group, metric: str, n_max: int) -> str:
+    """interval_text of a test metric, with (n=k) when fewer seeds than elsewhere in the table."""
+    text = interval_text(summarize(group.values("test", metric)))
+    if text != "–" and len(group.runs) != n_max:
         text += f" (n={len(group.runs)})"
     return text
 
@@ -312,14 +330,15 @@ def by_slot(groups: Sequence[Group]) -> list[tuple[tuple[str, tuple, str], list[
     return sorted(out.items())
 
 
-def markdown_tables(groups: Sequence[Group], varying: Sequence[str], metric: str) -> list[str]:
+def markdown_tables(groups: Sequence[Group], varying: Sequence[str], metric: str,
+                    baseline: str = "linear") -> list[str]:
     """Per dataset: rows = model and method, columns = shots or percentages, cells = mean ± CI half-width."""
     lines: list[str] = []
     for dataset, members in by_dataset(groups):
         columns = sorted({_column_label(g.config): _column_order(g.config) for g in members}.items(),
                          key=lambda kv: kv[1])
         arms: dict[str, dict[str, Group]] = defaultdict(dict)
-        for g in sorted(members, key=_arm_rank):
+        for g in sorted(members, key=display_rank(baseline)):
             arms[arm_label(g, varying)][_column_label(g.config)] = g
         n_max = max(len(g.runs) for g in members)
         lines += [f"### {dataset}", "", "| Model | Method | " + " | ".join(c for c, _ in columns) + " |",
@@ -332,12 +351,12 @@ def markdown_tables(groups: Sequence[Group], varying: Sequence[str], metric: str
     return lines
 
 
-def method_tables(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
+def method_tables(groups: Sequence[Group], varying: Sequence[str], baseline: str = "linear") -> list[str]:
     """Per dataset and data size: one column per arm (model and method), with balanced accuracy (mean and
     95% t-interval), trainable parameters and mean train seconds."""
     lines: list[str] = []
     for (dataset, _, data), members in by_slot(groups):
-        members = sorted(members, key=_arm_rank)
+        members = sorted(members, key=display_rank(baseline))
         labels = [arm_label(g, varying) for g in members]
         lines += [f"### {dataset}, {data}", "", "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
         rows = {f"test {members[0].headline} (%)": [_interval(g) for g in members],
@@ -348,7 +367,7 @@ def method_tables(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
     return lines
 
 
-def setting_table(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
+def setting_table(groups: Sequence[Group], varying: Sequence[str], baseline: str = "linear") -> list[str]:
     """One row per setting: every test metric as mean ± t half-width, the lr, the seeds and the chance level."""
     lines: list[str] = []
     for dataset, members in by_dataset(groups):
@@ -356,7 +375,7 @@ def setting_table(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
         lines += [f"### {dataset} (chance level of the headline metric: {_chance(members[0])})", "",
                   "| Arm | Data | " + " | ".join(metrics) + " | lr | seeds |",
                   "|---|---|" + "---|" * len(metrics) + "---|---|"]
-        for g in sorted(members, key=lambda g: (_column_order(g.config), _arm_rank(g))):
+        for g in sorted(members, key=lambda g: (_column_order(g.config), display_rank(baseline)(g))):
             cells = [_cell(g, m, len(g.runs)) for m in metrics]
             lines.append(f"| {arm_label(g, varying)} | {_column_label(g.config)} | " + " | ".join(cells)
                          + f" | {_lr_text(g)} | {len(g.runs)} |")
@@ -364,7 +383,7 @@ def setting_table(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
     return lines
 
 
-def recall_table(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
+def recall_table(groups: Sequence[Group], varying: Sequence[str], baseline: str = "linear") -> list[str]:
     """Mean test recall of each class per setting (single-label data)."""
     lines: list[str] = []
     for dataset, members in by_dataset(groups):
@@ -374,7 +393,7 @@ def recall_table(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
         classes = list(members[0].runs[0].data["metrics"]["test"]["per_class_recall"])
         lines += [f"### {dataset}", "", "| Arm | Data | " + " | ".join(classes) + " |",
                   "|---|---|" + "---|" * len(classes)]
-        for g in sorted(members, key=lambda g: (_column_order(g.config), _arm_rank(g))):
+        for g in sorted(members, key=lambda g: (_column_order(g.config), display_rank(baseline)(g))):
             cells = []
             for name in classes:
                 values = [r.data["metrics"]["test"]["per_class_recall"].get(name) for r in g.runs]
@@ -400,11 +419,11 @@ def _lr_text(group: Group) -> str:
     return "–" if group.lr is None else f"{group.lr:g}"
 
 
-def before_after_table(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
+def before_after_table(groups: Sequence[Group], varying: Sequence[str], baseline: str = "linear") -> list[str]:
     """Image-text runs: test retrieval and zero-shot accuracy before fine-tuning (adapters off) and after, mean
     over seeds."""
     rows, shown = [], []
-    for g in sorted(groups, key=_arm_rank):
+    for g in sorted(groups, key=display_rank(baseline)):
         if not all("before_finetuning" in r.data for r in g.runs):
             continue
         shown = shown or [m for m in g.task.report_metrics if m != g.runs[0].headline]
@@ -425,11 +444,11 @@ def _n_classes(group: Group) -> int:
     return len(group.runs[0].data.get("classes") or [])
 
 
-def calibration_tables(groups: Sequence[Group], varying: Sequence[str]) -> list[str]:
+def calibration_tables(groups: Sequence[Group], varying: Sequence[str], baseline: str = "linear") -> list[str]:
     """Test ECE before and after temperature scaling (fitted on validation), mean over seeds, per arm."""
     lines: list[str] = []
     rows = []
-    for g in sorted(groups, key=_arm_rank):
+    for g in sorted(groups, key=display_rank(baseline)):
         before = [r.data.get("test_before", {}).get("ece") for r in g.runs]
         after = [(r.data.get("test_after") or {}).get("ece") for r in g.runs]
         temps = [r.data.get("calibration", {}).get("temperature") for r in g.runs]
@@ -451,13 +470,7 @@ def _pct(values) -> str:
 
 
 def _interval(g: Group) -> str:
-    s = summarize(g.values("test", HEADLINE))
-    if math.isnan(s.mean):
-        return "–"
-    if math.isnan(s.ci_low):
-        return f"{100 * s.mean:.1f}"
-    # bounded metrics: the t-interval is shown clipped to [0, 100]
-    return f"{100 * s.mean:.1f} [{100 * max(0.0, s.ci_low):.1f}, {100 * min(1.0, s.ci_high):.1f}]"
+    return interval_text(summarize(g.values("test", HEADLINE)))
 
 
 def _mean_of(g: Group, key) -> float:
@@ -488,24 +501,25 @@ def _pp(x: float) -> str:
 
 def markdown_report(source: Path, runs: Sequence[Run], groups: Sequence[Group], chosen: Sequence[Group],
                     several_lrs: bool, varying: Sequence[str], pairs: Sequence[dict],
-                    figures: Sequence[Path]) -> str:
+                    figures: Sequence[Path], baseline: str = "linear", extra: Sequence[str] = ()) -> str:
     """report.md: the paper-style tables, the paired comparisons and the figures."""
     lr_note = ("the learning rate is chosen per setting on the mean validation headline metric (never on test)"
                if several_lrs else "one learning rate per setting")
     lines = ["# Results", "",
              (f"Source: `{source}`: {_count(len(runs), 'run')} in {_count(len(groups), 'setting')}; "
               f"{lr_note}."),
-             ("Cells: test metric in %, mean ± half-width of the 95% t-interval over seeds; "
-              "(n=k) marks a cell with fewer seeds than the rest of its table."), ""]
+             ("Cells: test metric in %, mean ± half-width of the 95% t-interval over seeds; where that interval "
+              "leaves [0, 100] it is written [low, high], clipped to [0, 100]; (n=k) marks a cell with fewer seeds "
+              f"than the rest of its table. The baseline method ({baseline}) comes first."), ""]
     lines += ["## Methods side by side (test)", "",
-              "Headline metric: mean [95% t-interval over seeds, clipped to [0, 100]]; trainable parameters are "
-              "those that received a gradient.", ""] + method_tables(chosen, varying)
-    lines += ["## Every metric per setting (test, %, mean ± 95% t half-width over seeds)", ""]
-    lines += setting_table(chosen, varying)
-    recall = recall_table(chosen, varying)
+              "Headline metric: mean and 95% t-interval over seeds; trainable parameters are "
+              "those that received a gradient.", ""] + method_tables(chosen, varying, baseline)
+    lines += ["## Every metric per setting (test, %, mean and 95% t-interval over seeds)", ""]
+    lines += setting_table(chosen, varying, baseline)
+    recall = recall_table(chosen, varying, baseline)
     if recall:
         lines += ["## Recall of each class (test, %, mean over seeds)", ""] + recall
-    before_after = before_after_table(chosen, varying)
+    before_after = before_after_table(chosen, varying, baseline)
     if before_after:
         lines += ["## Image-text pairs before and after fine-tuning (test, %, mean over seeds)", "",
                   "Before: the same model with its adapters switched off. Retrieval ranks each image's own "
@@ -515,8 +529,8 @@ def markdown_report(source: Path, runs: Sequence[Run], groups: Sequence[Group], 
     for metric, title in ((HEADLINE, f"Headline metric ({headlines})"), ("accuracy", "Accuracy")):
         shown = [g for g in chosen if metric == HEADLINE or metric in g.task.report_metrics]
         if shown:
-            lines += [f"## {title} (test)", ""] + markdown_tables(shown, varying, metric)
-    calibration = calibration_tables(chosen, varying)
+            lines += [f"## {title} (test)", ""] + markdown_tables(shown, varying, metric, baseline)
+    calibration = calibration_tables(chosen, varying, baseline)
     if calibration:
         lines += ["## Calibration (test)", "",
                   "Temperature scaling fitted on validation (one scalar, NLL); predictions do not change, "
@@ -548,6 +562,7 @@ def markdown_report(source: Path, runs: Sequence[Run], groups: Sequence[Group], 
             lines += ["Budgets: a run that did not train for its method's intended step budget (a flag such as a "
                       "sweep's --n_iters changed it) makes a comparison between methods meaningless; such "
                       "differences are not computed (--compare_cut_budgets prints them, marked).", "", *notes, ""]
+    lines += list(extra)
     if figures:
         lines += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
     return "\n".join(lines)
