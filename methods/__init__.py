@@ -10,6 +10,7 @@ from methods import (  # noqa: F401  (each import registers its method)
     bitfit,
     clap,
     clip_adapter,
+    cocoop,
     coop,
     dora,
     full,

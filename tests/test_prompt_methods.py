@@ -19,7 +19,7 @@ from models.prompts import ClassPrompts, VisualPrompts, text_tower, visual_tower
 
 CLASSES = ["blue", "red", "green-ish"]  # the folder fixture's classes
 TINY = ["--model_name", "tiny_clip", "--device", "cpu", "--num_workers", "0", "--batch_size", "8"]
-PROMPT_METHODS = ("coop", "kgcoop", "prograd")  # text-prompt methods trained by the engine
+PROMPT_METHODS = ("coop", "kgcoop", "prograd", "cocoop")  # text-prompt methods trained by the engine
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +172,24 @@ def test_prograd_gradient_never_points_against_the_zero_shot_gradient(spec, tmp_
         else:
             assert torch.equal(projected, raw)
     assert conflicts >= 2  # the projection was exercised, not only the agreeing case
+
+
+# -- cocoop ------------------------------------------------------------------------------------------------
+def test_cocoop_with_a_silent_meta_network_is_coop_with_its_context(spec, tmp_path):
+    plan = build("cocoop", make_ctx(spec, tmp_path))
+    model = plan.model.eval()
+    x = images(spec)
+    with torch.no_grad():
+        shifted = model(x)
+        model.meta_net.linear2.weight.zero_()
+        model.meta_net.linear2.bias.zero_()
+        silent = model(x)
+        coop = model.scale * model.image_features(x) @ model.text_features().t()  # one context for every image
+    assert torch.allclose(silent, coop, atol=1e-5)
+    assert not torch.allclose(shifted, silent, atol=1e-4)  # the meta-network moves each image's prompts
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "prompts.ctx", "meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight",
+        "meta_net.linear2.bias"}
 
 
 # -- vpt ---------------------------------------------------------------------------------------------------
