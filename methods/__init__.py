@@ -14,6 +14,7 @@ from methods import (  # noqa: F401  (each import registers its method)
     coop,
     dora,
     full,
+    ivlp,
     knn,
     linear,
     logreg,

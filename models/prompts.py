@@ -183,6 +183,10 @@ class ClassPrompts(nn.Module):
         self.register_buffer("suffix", embedding[:, 1 + n_ctx:].clone(), persistent=False)  # class words, EOS, pad
 
     @property
+    def tower(self) -> TextTower:
+        return self._tower
+
+    @property
     def classes(self) -> int:
         return self.tokens.shape[0]
 

@@ -19,7 +19,7 @@ from models.prompts import ClassPrompts, VisualPrompts, text_tower, visual_tower
 
 CLASSES = ["blue", "red", "green-ish"]  # the folder fixture's classes
 TINY = ["--model_name", "tiny_clip", "--device", "cpu", "--num_workers", "0", "--batch_size", "8"]
-PROMPT_METHODS = ("coop", "kgcoop", "prograd", "cocoop")  # text-prompt methods trained by the engine
+PROMPT_METHODS = ("coop", "kgcoop", "prograd", "cocoop", "ivlp")  # text-prompt methods trained by the engine
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +190,25 @@ def test_cocoop_with_a_silent_meta_network_is_coop_with_its_context(spec, tmp_pa
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         "prompts.ctx", "meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight",
         "meta_net.linear2.bias"}
+
+
+# -- ivlp --------------------------------------------------------------------------------------------------
+def test_ivlp_prompts_both_towers_at_every_block(spec, tmp_path):
+    plan = build("ivlp", make_ctx(spec, tmp_path))
+    model = plan.model.eval()
+    assert (plan.notes["vision_depth"], plan.notes["text_depth"]) == (2, 2)  # tiny_clip: 2 blocks per tower
+    assert model.text_deep.shape == (1, 2, text_tower(spec).width) and model.visual_prompts.tokens.shape[:2] == (2, 2)
+    x = images(spec, 4)
+    with torch.no_grad():
+        frozen = F.normalize(spec.encode_image(x), dim=-1)
+        assert torch.allclose(F.normalize(model.visual_prompts(x, hide_prompts=True), dim=-1), frozen, atol=1e-5)
+        text = model.text_features()
+        model.text_deep.add_(torch.randn(model.text_deep.shape, generator=torch.Generator().manual_seed(0)))
+        assert not torch.allclose(model.text_features(), text, atol=1e-4)  # the deep text prompts are read
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "prompts.ctx", "text_deep", "visual_prompts.tokens"}
+    shallow = build("ivlp", make_ctx(spec, tmp_path), prompt_depth=1).model
+    assert shallow.text_deep.shape[0] == 0 and shallow.visual_prompts.tokens.shape[0] == 1
 
 
 # -- vpt ---------------------------------------------------------------------------------------------------
