@@ -1,6 +1,7 @@
 """Turn a folder of runs into the paper's tables and plots, with honest statistics.
 
-``python -m utils.report OUTPUT_DIR [--out DIR] [--confusion RUN_DIR] [--skip_invalid]`` reads every
+``python -m utils.report OUTPUT_DIR [--out DIR] [--confusion RUN_DIR] [--skip_invalid]
+[--ensemble seeds|models|methods]`` reads every
 ``results.json`` below OUTPUT_DIR (folders named ``checkpoints`` and hidden folders are ignored) and
 writes, into ``OUTPUT_DIR/report`` unless ``--out`` says otherwise:
 
@@ -12,6 +13,8 @@ writes, into ``OUTPUT_DIR/report`` unless ``--out`` says otherwise:
   pretrained against random weights or one model against another, on the same data and seeds: the
   mean difference of the test headline metric with its paired t-interval (refused between methods when a
   run did not train for its method's intended step budget, unless ``--compare_cut_budgets``);
+- ``ensembles.csv`` with ``--ensemble``: ensembles (mean per-image test probabilities) beside their members,
+  with the paired interval against the best member (utils/report/ensemble.py);
 - PNG plots and ``report.md`` with the tables laid out like the paper's.
 
 Runs whose settings or schema versions differ are never averaged together. An unreadable or
@@ -27,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.errors import exit_status
+from utils.report.ensemble import KINDS, build_ensembles, ensemble_markdown, write_ensembles
 from utils.report.load import Group, ReportError, Run, group_runs, load_runs, settings_key, varying_fields
 from utils.report.plots import plot_confusion, plot_confusion_sums, plot_curves, plot_methods, plot_reliability
 from utils.report.tables import markdown_report, paired_rows, select_lr, summary_row, write_csv
@@ -40,17 +44,29 @@ __all__ = ["Group", "ReportError", "Run", "build_report", "group_runs", "load_ru
 
 def build_report(output_dir: str | Path, out: str | Path | None = None, confusion: str | Path | None = None,
                  skip_invalid: bool = False, n_resamples: int = 10_000, seed: int = 0,
-                 plots: bool = True, baseline: str = "linear", cut_budgets: bool = False) -> list[Path]:
-    """Read every run below output_dir and write the CSV tables, plots and report.md; returns the files."""
+                 plots: bool = True, baseline: str = "linear", cut_budgets: bool = False,
+                 ensemble: str | None = None) -> list[Path]:
+    """Read every run below output_dir and write the CSV tables, plots and report.md; returns the files.
+
+    ensemble: "seeds", "models" or "methods" also averages the test probabilities of such runs (ensembles.csv
+    and a section of report.md; see utils.report.ensemble)."""
     source = Path(output_dir)
     runs = load_runs(source, skip_invalid)
     out_dir = Path(out) if out else source / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)
     varying = varying_fields(groups)
-    written = [write_csv(out_dir / "summary.csv", [summary_row(g, varying) for g in groups])]
     chosen, candidates = select_lr(groups)
     several = any(len(v) > 1 for v in candidates.values())
+    extra: list[str] = []
+    if ensemble:  # before anything is written: a set that cannot be ensembled leaves no partial report
+        outcomes, refused = build_ensembles(chosen, ensemble, varying, n_resamples, seed, baseline)
+        for reason in refused:
+            print(f"warning: not ensembled: {reason}", file=sys.stderr)
+        extra = ensemble_markdown(ensemble, outcomes, refused)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [write_csv(out_dir / "summary.csv", [summary_row(g, varying) for g in groups])]
+    if ensemble:
+        written.append(write_ensembles(out_dir, outcomes))
     if several:
         rows = []
         for g in chosen:
@@ -70,7 +86,8 @@ def build_report(output_dir: str | Path, out: str | Path | None = None, confusio
         if confusion:
             figures.append(plot_confusion(confusion, out_dir))
     report = out_dir / "report.md"
-    report.write_text(markdown_report(source, runs, groups, chosen, several, varying, pairs, figures, baseline))
+    report.write_text(markdown_report(source, runs, groups, chosen, several, varying, pairs, figures, baseline,
+                                      extra))
     return written + figures + [report]
 
 
@@ -89,6 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--compare_cut_budgets", action="store_true",
                         help="also compute paired differences between methods when a run did not train for its "
                              "method's intended step budget (marked in the report); by default they are refused")
+    parser.add_argument("--ensemble", choices=KINDS, default=None,
+                        help="also average the per-image test probabilities of a setting's seeds, of the models run "
+                             "with one method, or of the methods run on one model (same test images only) and "
+                             "report the ensemble beside its members")
     parser.add_argument("--wandb", action="store_true",
                         help="also upload the tables and plots to one Weights & Biases run (offline without a login)")
     args = parser.parse_args(argv)
@@ -98,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _write(args: argparse.Namespace) -> int:
     files = build_report(args.output_dir, args.out, args.confusion, args.skip_invalid,
                          args.n_resamples, args.bootstrap_seed, not args.no_plots, args.baseline,
-                         args.compare_cut_budgets)
+                         args.compare_cut_budgets, args.ensemble)
     print(f"report written to {files[-1].parent}:")
     for path in files:
         print(f"  {path.name}")
