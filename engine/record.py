@@ -15,8 +15,12 @@ from methods.registry import Plan
 from tasks import Evaluation, get_task
 
 
-def build_record(ctx: RunContext, plan: Plan, metrics: dict, stages: list[dict], trainable: int, **extra) -> dict:
+def build_record(ctx: RunContext, plan: Plan, metrics: dict, stages: list[dict], trainable: int,
+                 packed: dict | None = None, **extra) -> dict:
+    """results.json of a run; `packed` ({"runs": N}) when it trained packed with others (engine.packing)."""
     split = ctx.split
+    if packed is not None:
+        extra["packed"] = packed
     total = sum(p.numel() for p in {id(p): p for p in _all_parameters(ctx, plan)}.values())
     return res.build_record(
         ctx.config.to_dict(),

@@ -12,7 +12,7 @@ def build(ctx, s: lora.LoRAMethodSettings):
 register(Method(
     tasks=TASKS, task_defaults=lora.IMAGE_TEXT_DEFAULTS,
     name="dora", description="DoRA (magnitude + direction) in the backbone + linear head, trained on images",
-    settings=lora.LoRAMethodSettings, inputs="images", build=build,
+    settings=lora.LoRAMethodSettings, inputs="images", build=build, packable=True,
     source="DoRA (Liu et al. 2024), the most used successor of LoRA",
     label=lambda s: "dora" + lora.label(s)[len("lora"):],
 ))

@@ -82,7 +82,7 @@ register(Method(
     tasks=TASKS, task_defaults=IMAGE_TEXT_DEFAULTS,
     name="lora", description="LoRA in the backbone + linear head, trained on images (image-text pairs: "
                              "contrastively, both towers)",
-    settings=LoRAMethodSettings, inputs="images", build=build,
+    settings=LoRAMethodSettings, inputs="images", build=build, packable=True,
     source="the cytology paper, experiments 2 and 3 (CLIP-LoRA)", label=label,
     paper_experiment=experiment,
 ))

@@ -100,6 +100,9 @@ class Method:
     # LoRA, RunContext.paper_steps) or "epochs" (warmup + n_iters epochs: heads on cached features,
     # RunContext.epoch_steps); None: "shots" for methods trained on images, "epochs" for the others
     budget: Literal["shots", "epochs"] | None = None
+    # whether runs sharing a frozen backbone may train packed in one step (engine.packing): its adapters and head
+    # act on each run's own samples and the rest of the model is frozen and draws no random numbers
+    packable: bool = False
 
     @property
     def entry_point(self) -> str:
