@@ -26,6 +26,7 @@ from methods import (  # noqa: F401  (each import registers its method)
     svd,
     taskres,
     tip_adapter,
+    tpt,
     vpt,
     zeroshot,
 )

@@ -239,6 +239,50 @@ def test_vpt_refuses_a_convolutional_model_in_one_line(tmp_path):
         build("vpt", make_ctx(load_model("tiny_clip"), tmp_path), prompt_depth=3)
 
 
+# -- tpt ---------------------------------------------------------------------------------------------------
+def test_tpt_without_steps_is_zero_shot_and_its_steps_move_the_prediction(spec, tmp_path):
+    from tasks.text import class_text_embeddings
+
+    ctx = make_ctx(spec, tmp_path)
+    x = images(spec, 3)
+    with torch.no_grad():
+        zero_shot = spec.logit_scale * F.normalize(spec.encode_image(x), dim=-1) @ class_text_embeddings(ctx).t()
+        still = build("tpt", ctx, tpt_steps=0).model.eval()(x)
+        tuned = build("tpt", ctx, tpt_views=8, tpt_lr=0.5).model.eval()(x)
+    assert torch.allclose(still, zero_shot, atol=1e-5)
+    assert not torch.allclose(tuned, zero_shot, atol=1e-3)
+
+
+def test_tpt_tunes_each_image_on_its_own_and_changes_no_weight(spec, tmp_path):
+    before = text_state(spec)
+    model = build("tpt", make_ctx(spec, tmp_path), tpt_views=8, tpt_steps=2).model.eval()
+    start = model.prompts.ctx.clone()
+    x = images(spec, 4)
+    with torch.no_grad():
+        batch = model(x)
+        alone = torch.cat([model(x[i:i + 1]) for i in (3, 0)])
+    assert torch.allclose(batch[[3, 0]], alone, atol=1e-6)  # the same image, the same views and steps
+    assert torch.equal(model.prompts.ctx, start) and not model.prompts.ctx.requires_grad
+    assert all(torch.equal(v, spec.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_tpt_reads_no_test_label(folder_root, tmp_path):
+    from engine.context import prepare_context
+    from engine.prediction import predict
+    from utils.cli import parse_config
+
+    config = parse_config(["--method", "tpt", "--root_path", str(folder_root), "--dataset", "folder", "--shots", "2",
+                           "--tpt_views", "8", "--output_dir", str(tmp_path), *TINY], "lora")
+    ctx = prepare_context(config)
+    method = get_method("tpt")
+    plan = method.build(ctx, method.resolve(config.method_settings))
+    logits, labels = predict(ctx, plan, "test")
+    ctx.split.test = [(path, (label + 1) % 3) for path, label in ctx.split.test]  # every test label wrong
+    again, permuted = predict(ctx, plan, "test")
+    assert torch.equal(permuted, (labels + 1) % 3)
+    assert torch.equal(again, logits)
+
+
 # -- every prompt method -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", PROMPT_METHODS)
 def test_training_leaves_every_model_weight_unchanged(name, spec, tmp_path):
@@ -266,7 +310,9 @@ def _result(out: Path, name: str = "results.json") -> tuple[dict, Path]:
     return json.loads(found[0].read_text()), found[0].parent
 
 
-@pytest.mark.parametrize("name, model", [*((n, "tiny_clip") for n in PROMPT_METHODS), ("vpt", "tiny_vit")])
+# tests/test_methods.py runs every registered method end to end with --eval_only on tiny_clip; here the budget and
+# the trained parameters, and VPT on a ViT without a text tower
+@pytest.mark.parametrize("name, model", [("coop", "tiny_clip"), ("vpt", "tiny_vit")])
 def test_prompt_methods_run_end_to_end_and_reload(name, model, folder_root, tmp_path):
     args = ["--method", name, "--root_path", str(folder_root), "--dataset", "folder", "--shots", "2",
             "--n_iters", "1", "--warmup_steps", "1", "--output_dir", str(tmp_path), *TINY, "--model_name", model]
