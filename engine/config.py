@@ -19,6 +19,7 @@ class RunConfig:
 
     method: str = "lora"
     method_settings: dict = field(default_factory=dict)
+    task_settings: dict = field(default_factory=dict)  # the data's task settings (tasks/: e.g. loss, decision)
     preset: str | None = None
     experiment: int = 0  # the paper's experiment this run corresponds to (0: none); a label, not a switch
     root_path: str = ""

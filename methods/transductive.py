@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.registry import MethodError, Plan, Stage
+from tasks import get_task
 
 TRANSDUCTIVE = ("none", "proportion", "transclip")
 
@@ -85,8 +86,8 @@ def add_transductive_stage(ctx, plan: Plan, s: TransductiveSettings) -> Plan:
     """Append the transductive stage to a feature-space plan when asked for; record its prior."""
     if s.transductive == "none":
         return plan
-    if ctx.split.task != "single_label":
-        raise MethodError(f"--transductive {s.transductive} is for single-label data (one class per image)")
+    if not get_task(ctx.split.task).exclusive:
+        raise MethodError(f"--transductive {s.transductive} is for data with one class per image")
     if s.transductive == "transclip":
         test_x, _ = ctx.features("test")  # the features only: test labels are never read here
         plan.model = TransCLIPClassifier(plan.model, test_x, s.transclip_kl)

@@ -39,7 +39,9 @@ IGNORED_LEVEL = "--level level_1 ignored: sipakmed has no label levels"
 
 def expected(experiment: int, root: Path) -> dict:
     """Every resolved setting of README command N: the RunConfig defaults, then what the command sets."""
-    common = dict(root_path=str(root), seed=1, lr=1e-3, model_name="clip", backbone="ViT-B/16", experiment=experiment)
+    common = dict(root_path=str(root), seed=1, lr=1e-3, model_name="clip", backbone="ViT-B/16", experiment=experiment,
+                  task_settings=dict(loss="ce", hxe_alpha=0.1, soft_beta=10.0, decision="argmax",
+                                     backoff_threshold=None, backoff_target=0.9))
     sipakmed = dict(dataset="sipakmed", num_classes=5, level=None, warnings=[IGNORED_LEVEL], n_iters=50,
                     n_iters_from="paper")
     lora = dict(method="lora", method_settings=dict(params=["q", "v"], r=2, alpha=1.0, dropout_rate=0.25,

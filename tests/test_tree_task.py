@@ -93,3 +93,57 @@ def test_backoff_chooses_its_threshold_on_validation_only(tree_root):
 def test_a_task_setting_of_no_task_is_refused():
     with pytest.raises(UserError, match="--nonsense applies to no data"):
         get_task("single_label").resolve({"nonsense": 1})
+
+
+# -- through the entry points ------------------------------------------------------------------------------
+def _folder_with_tree(root: Path) -> Path:
+    from tests.conftest import make_folder_dataset
+
+    make_folder_dataset(root, per_split={"train": 3, "val": 2, "test": 2})
+    (root / "tree.csv").write_text("class,parent\nwarm,\ncool,\nred,warm\ngreen-ish,cool\nblue,cool\n")
+    return root
+
+
+TINY = ["--device", "cpu", "--num_workers", "0", "--model_name", "tiny_clip", "--shots", "-1", "--n_iters", "2",
+        "--warmup_steps", "1", "--lr", "1e-2", "--dataset", "folder"]
+
+
+def test_loss_and_decision_run_end_to_end_and_are_recorded(tmp_path):
+    import json
+
+    import main
+
+    root = _folder_with_tree(tmp_path / "data")
+    out = tmp_path / "runs"
+    assert main.main(["--root_path", str(root), "--output_dir", str(out), "--loss", "hxe", "--decision", "crm",
+                      *TINY]) == 0
+    result = next(out.rglob("results.json"))
+    r = json.loads(result.read_text())
+    assert r["config"]["task_settings"]["loss"] == "hxe" and r["config"]["task_settings"]["decision"] == "crm"
+    assert r["decision"]["rule"] == "crm" and r["metrics"]["test"]["tree"]["accuracy_level_1"] >= 0
+    header = (result.parent / "predictions.csv").read_text().splitlines()[0]
+    assert header.endswith("pred_node,pred_level")
+    # another loss is another run: its own folder
+    assert main.main(["--root_path", str(root), "--output_dir", str(out), *TINY]) == 0
+    assert len(list(out.rglob("results.json"))) == 2
+    # --eval_only keeps the run's task settings
+    assert main.main(["--eval_only", "--run", str(result.parent), "--device", "cpu"]) == 0
+    again = json.loads((result.parent / "eval_results.json").read_text())
+    assert again["metrics"]["test"]["tree"] == r["metrics"]["test"]["tree"]
+
+
+def test_tree_flags_on_flat_data_and_on_methods_that_train_nothing(tmp_path, capsys):
+    import main
+    from tests.conftest import make_folder_dataset
+
+    flat = make_folder_dataset(tmp_path / "flat", per_split={"train": 2, "val": 1, "test": 1})
+    with pytest.raises(UserError, match="need a class tree"):
+        main.main(["--root_path", str(flat), "--output_dir", str(tmp_path / "o"), "--loss", "soft", *TINY])
+    root = _folder_with_tree(tmp_path / "tree")
+    from utils.cli import parse_config
+
+    config = parse_config(["--root_path", str(root), "--dataset", "folder", "--method", "knn", "--loss", "hxe"],
+                          "linear", notify=False)
+    assert config.task_settings["loss"] == "ce" and any("--loss hxe ignored" in w for w in config.warnings)
+    with pytest.raises(UserError, match="--decision"):
+        parse_config(["--root_path", str(root), "--dataset", "folder", "--decision", "bogus"], "linear")

@@ -102,26 +102,44 @@ def method_flags() -> dict[str, list[str]]:
     return out
 
 
-def _add_method_flags(p: argparse.ArgumentParser) -> None:
-    from methods import methods
+def task_flags() -> dict[str, list[str]]:
+    """Each task-settings flag and the kinds of task that take it."""
+    from tasks import tasks
+
+    out: dict[str, list[str]] = {}
+    for t in tasks():
+        for f in t.setting_fields():
+            out.setdefault(f.name, []).append(t.name)
+    return out
+
+
+def _add_settings_flags(p: argparse.ArgumentParser, plugins, kind: str, owners: dict[str, list[str]]) -> None:
+    """One argument group per plug-in (method or task) with a flag per field of its settings dataclass; help,
+    default and choices come from the field, so each is written once."""
     from methods.registry import help_of
 
-    seen: dict[str, str] = {}
-    for m in methods():
-        fields = m.setting_fields()
+    seen: set[str] = set()
+    for plugin in plugins:
+        fields = [f for f in plugin.setting_fields() if f.name not in seen]
         if not fields:
             continue
-        hints = typing.get_type_hints(m.settings)
-        group = p.add_argument_group(f"--method {m.name}", m.description)
+        hints = typing.get_type_hints(plugin.settings)
+        group = p.add_argument_group(f"--{kind} {plugin.name}", plugin.description)
         for f in fields:
-            if f.name in seen:
-                continue
-            seen[f.name] = m.name
-            others = [t for t in method_flags()[f.name] if t != m.name]
+            seen.add(f.name)
+            others = [t for t in owners[f.name] if t != plugin.name]
             also = f"; also for {', '.join(others)}" if others else ""
             default = " ".join(f.default) if isinstance(f.default, tuple) else f.default
             group.add_argument(f"--{f.name}", default=argparse.SUPPRESS, **_method_flag(hints[f.name]),
                                help=f"{help_of(f)} (default: {default}{also})")
+
+
+def _add_method_flags(p: argparse.ArgumentParser) -> None:
+    from methods import methods
+    from tasks import tasks
+
+    _add_settings_flags(p, methods(), "method", method_flags())
+    _add_settings_flags(p, tasks(), "task", task_flags())
 
 
 def build_parser(default_method: str, prog: str) -> argparse.ArgumentParser:
@@ -242,12 +260,14 @@ def parse_config(argv: Sequence[str] | None, default_method: str = "lora", prog:
         takers = ", ".join(method_flags()[wrong[0]])
         raise UserError(f"--{wrong[0]} does not apply to --method {method.name} (it is a setting of {takers})")
     settings = {k: values.pop(k) for k in list(values) if k in _fields(method)}
+    task_given = {k: values.pop(k) for k in list(values) if k in task_flags()}
     values = {k: v for k, v in values.items() if k in RunConfig.__dataclass_fields__}
     config = RunConfig(method=method.name, **values)
     config.warnings = warnings
     _task_defaults(method, config, settings)
     config.method_settings = _resolve_settings(method, settings)
     _resolve(config, {**saved, **given}, preset)
+    _task_settings(config, method, task_given)
     _budget(config, method, given, saved, preset, demo)
     config.experiment = method.experiment(config)
     _validate(config)
@@ -313,9 +333,11 @@ def _saved_settings(given: dict) -> dict:
     if source is None:
         return {}
     config = res.read_results(source)["config"]
-    skip = {"eval_only", "run", "overwrite", "demo", "experiment", "preset", "method_settings", "warnings"}
+    skip = {"eval_only", "run", "overwrite", "demo", "experiment", "preset", "method_settings", "task_settings",
+            "warnings"}
     saved = {k: v for k, v in config.items() if k in RunConfig.__dataclass_fields__ and k not in skip}
     saved.update(config.get("method_settings", {}))
+    saved.update(config.get("task_settings", {}))
     return saved
 
 
@@ -330,6 +352,26 @@ def _task_defaults(method, config: RunConfig, settings: dict) -> None:
         check_task(method, task)  # before anything runs (a sweep checks every run's arguments this way)
     for key, value in method.task_defaults.get(task, {}).items():
         settings.setdefault(key, value)
+
+
+def _task_settings(config: RunConfig, method, given: dict) -> None:
+    """The data's task settings (e.g. --loss, --decision on single-label data), resolved by the task; a flag of
+    another task is refused like another method's. A loss other than cross-entropy is ignored, with a warning
+    recorded, by a method that trains nothing (a sweep passes it to every method)."""
+    from datasets.registry import dataset_task
+    from methods.registry import settings_dict
+    from tasks import get_task
+
+    name = dataset_task(config.dataset, config.root_path)
+    if name is None:
+        config.task_settings = dict(given)
+        return
+    task = get_task(name)
+    if given.get("loss", "ce") != "ce" and not method.trains:
+        config.warnings.append(f"--loss {given['loss']} ignored: --method {method.name} trains no classifier head")
+        given = {k: v for k, v in given.items() if k != "loss"}
+    resolved = task.resolve(given)
+    config.task_settings = settings_dict(resolved) if resolved is not None else {}
 
 
 def _fields(method) -> set[str]:
