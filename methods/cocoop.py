@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.coop import TEMPLATE, ContextSettings, PromptedCLIP, class_prompts, context_label, prompt_plan
-from methods.registry import Method, MethodError, register
+from methods.registry import Method, register
 
 COCOOP_EPOCHS = 10
 
@@ -29,12 +29,6 @@ class CoCoOpSettings(ContextSettings):
     ctx_init: str = field(default=TEMPLATE, metadata={"help": 'initial context: "template" (the dataset\'s prompt '
                                                               'before the class name; CoCoOp\'s "a photo of a" on '
                                                               "the benchmark datasets), a phrase, or empty"})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.class_specific_ctx:
-            raise MethodError("--class_specific_ctx does not apply to cocoop: its context is shared and shifted "
-                              "per image")
 
 
 class ConditionalPrompts(PromptedCLIP):

@@ -46,11 +46,17 @@ class ContextSettings:
     ctx_init: str = field(default="", metadata={"help": 'initial context: a phrase ("a photo of a"), "template" '
                                                         "(the dataset's prompt before the class name), or empty "
                                                         "for random N(0, 0.02^2) tokens"})
-    class_specific_ctx: bool = field(default=False, metadata={"help": "True: one context per class (CoOp's CSC)"})
 
     def __post_init__(self):
         if self.n_ctx < 1:
             raise MethodError(f"--n_ctx must be at least 1, got {self.n_ctx}")
+
+
+@dataclass(frozen=True)
+class ClassContextSettings(ContextSettings):
+    """Context settings of the CoOp family, whose context may also be one per class."""
+
+    class_specific_ctx: bool = field(default=False, metadata={"help": "True: one context per class (CoOp's CSC)"})
 
 
 def class_names(ctx) -> list[str]:
@@ -81,7 +87,8 @@ def class_prompts(ctx, s: ContextSettings) -> ClassPrompts:
     torch.manual_seed(ctx.config.seed)
     ctx.spec.model.to(ctx.device)
     tokens = ctx.spec.tokenizer(texts).to(ctx.device)
-    prompts = ClassPrompts(tower, tokens, n_ctx, "text" if s.ctx_init.strip() else "random", s.class_specific_ctx)
+    prompts = ClassPrompts(tower, tokens, n_ctx, "text" if s.ctx_init.strip() else "random",
+                           getattr(s, "class_specific_ctx", False))
     return prompts.cpu()
 
 
@@ -109,7 +116,7 @@ def init_label(s: ContextSettings) -> str:
 
 
 def context_label(name: str, s: ContextSettings) -> str:
-    return f"{name}-ctx{s.n_ctx}-{init_label(s)}" + ("-csc" if s.class_specific_ctx else "")
+    return f"{name}-ctx{s.n_ctx}-{init_label(s)}" + ("-csc" if getattr(s, "class_specific_ctx", False) else "")
 
 
 class PromptedCLIP(nn.Module):
@@ -145,7 +152,7 @@ def prompt_plan(ctx, name: str, model: nn.Module, epochs: int, extra_loss=None) 
 
 # -- coop ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class CoOpSettings(ContextSettings):
+class CoOpSettings(ClassContextSettings):
     pass
 
 
@@ -164,7 +171,7 @@ register(Method(
 
 # -- kgcoop ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class KgCoOpSettings(ContextSettings):
+class KgCoOpSettings(ClassContextSettings):
     n_ctx: int = field(default=4, metadata={"help": "learnable context tokens (at most the phrase's tokens)"})
     ctx_init: str = field(default=TEMPLATE, metadata={"help": 'initial context: "template" (the dataset\'s prompt '
                                                               'before the class name: the hand-written prompt '
@@ -210,7 +217,7 @@ register(Method(
 
 # -- prograd ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class ProGradSettings(ContextSettings):
+class ProGradSettings(ClassContextSettings):
     n_ctx: int = field(default=16, metadata={"help": "learnable context tokens (at most the phrase's tokens)"})
     ctx_init: str = field(default=TEMPLATE, metadata={"help": 'initial context: "template" (the hand-written '
                                                               "prompt, ProGrad's CTX_INIT), a phrase, or empty for "

@@ -47,8 +47,6 @@ class TPTSettings(ContextSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.class_specific_ctx:
-            raise MethodError("--class_specific_ctx does not apply to tpt")
         if self.tpt_steps < 0 or self.tpt_views < 1 or not 0 < self.tpt_select <= 1 or self.tpt_lr <= 0:
             raise MethodError("tpt needs --tpt_steps >= 0, --tpt_views >= 1, 0 < --tpt_select <= 1 and --tpt_lr > 0")
 

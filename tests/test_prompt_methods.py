@@ -116,6 +116,11 @@ def test_coop_contexts_shared_per_class_and_random(spec, tmp_path):
     assert per_class.ctx.shape == (3, 2, text_tower(spec).width)
     with pytest.raises(UserError, match="--n_ctx must be at least 1"):
         build("coop", ctx, n_ctx=0)
+    from utils.cli import parse_config
+
+    for name in ("cocoop", "ivlp", "tpt"):  # one shared context (shifted per image, or tuned per image)
+        with pytest.raises(UserError, match=f"--class_specific_ctx does not apply to --method {name}"):
+            parse_config(["--method", name, "--class_specific_ctx", "True"], "lora")
 
 
 def test_coop_needs_a_text_tower(tmp_path):
