@@ -55,9 +55,19 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def report_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m utils.report ARGS` in a process of its own (the module entry itself)."""
     return subprocess.run([sys.executable, "-m", "utils.report", *args], check=False, cwd=REPO,
                           capture_output=True,
                           text=True, timeout=120)
+
+
+def report_main(capsys, *args: str) -> subprocess.CompletedProcess:
+    """utils.report.main(ARGS) in this process, with its exit status and output like report_cli's."""
+    from utils.report import main
+
+    status = main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["utils.report", *args], status, out.out, out.err)
 
 
 def test_summary_matches_hand_computed_mean_std_and_t_interval(tmp_path):
@@ -166,7 +176,7 @@ def test_same_setting_and_seed_twice_is_an_error_naming_both(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "no_results", "bad_json"])
-def test_unusable_folders_exit_2_with_one_line(tmp_path, case):
+def test_unusable_folders_exit_2_with_one_line(tmp_path, case, capsys):
     folder = tmp_path / "runs"
     if case != "missing":
         folder.mkdir()
@@ -176,7 +186,8 @@ def test_unusable_folders_exit_2_with_one_line(tmp_path, case):
         write_run(folder, 1, 0.6)
         bad = write_run(folder, 2, 0.7) / "results.json"
         bad.write_text('{"schema_version": 1, "config": {')
-    done = report_cli(str(folder))
+    # the module entry in a process of its own once; the other cases in this process
+    done = report_cli(str(folder)) if case == "bad_json" else report_main(capsys, str(folder))
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
@@ -186,11 +197,11 @@ def test_unusable_folders_exit_2_with_one_line(tmp_path, case):
         assert str(bad) in lines[0]
 
 
-def test_skip_invalid_warns_and_uses_the_rest(tmp_path):
+def test_skip_invalid_warns_and_uses_the_rest(tmp_path, capsys):
     write_run(tmp_path, 1, 0.6)
     bad = write_run(tmp_path, 2, 0.7) / "results.json"
     bad.write_text(json.dumps({"schema_version": 1, "config": {"seed": 2}, "metrics": {}}))
-    done = report_cli(str(tmp_path), "--skip_invalid", "--no_plots")
+    done = report_main(capsys, str(tmp_path), "--skip_invalid", "--no_plots")
     assert done.returncode == 0, done.stderr
     assert f"warning: skipping {bad}" in done.stderr
     (row,) = read_csv(tmp_path / "report" / "summary.csv")
@@ -232,9 +243,9 @@ def test_plots_and_markdown_tables(tmp_path):
     assert "## Recall of each class (test, %, mean over seeds)" in md and "| neg | pos |" in md
 
 
-def test_confusion_of_a_missing_run_is_a_user_error(tmp_path):
+def test_confusion_of_a_missing_run_is_a_user_error(tmp_path, capsys):
     write_run(tmp_path, 1, 0.6)
-    done = report_cli(str(tmp_path), "--confusion", str(tmp_path / "nowhere"))
+    done = report_main(capsys, str(tmp_path), "--confusion", str(tmp_path / "nowhere"))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "nowhere" in done.stderr
 
