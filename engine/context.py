@@ -19,6 +19,7 @@ from engine import images as img
 from engine import results as res
 from engine.config import RunConfig, model_label, run_dir
 from engine.features import cache_root, extract_features
+from engine.session import Session
 from engine.trainer import steps_per_epoch
 from methods import get_method
 from methods.registry import settings_dict
@@ -159,8 +160,11 @@ def _warn_about_classes(split) -> None:
     for message in class_warnings(split):
         print(f"warning: {message}", file=sys.stderr)
 
-def prepare_context(config: RunConfig) -> RunContext | None:
-    """Everything that can fail because of a user mistake happens here, before anything is written."""
+def prepare_context(config: RunConfig, session: Session | None = None) -> RunContext | None:
+    """Everything that can fail because of a user mistake happens here, before anything is written.
+
+    With a `session` (a sweep worker's), the model is a copy of one built once and images already checked
+    in it are not checked again."""
     out = Path(config.run) if config.eval_only else run_dir(config)
     if synthetic(config):
         print(DEMO_BANNER, file=sys.stderr)
@@ -169,12 +173,13 @@ def prepare_context(config: RunConfig) -> RunContext | None:
         return None
     seed_everything(config.seed)
     split = load_data(config)
-    img.check_decodable([path for part in ("train", "val", "test") for path, _ in split.items(part)],
-                        _cache_dir() / "decodable.json")
+    check = session.check_decodable if session else img.check_decodable
+    check([path for part in ("train", "val", "test") for path, _ in split.items(part)], _cache_dir() / "decodable.json")
     _warn_about_classes(split)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
-    spec = load_model(config.model_name, backbone=config.backbone, weights=config.weights)
+    spec = (session.model if session else load_model)(config.model_name, backbone=config.backbone,
+                                                      weights=config.weights)
     spec.model.requires_grad_(False)
     return RunContext(config, out, split, spec, device, precision)
 

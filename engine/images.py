@@ -7,7 +7,10 @@ import json
 import os
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -78,15 +81,17 @@ def fits_in_memory(n_images: int, size: int) -> bool:
 
 
 def load_all(
-    samples: Sequence[tuple[str, int]], size: int, num_workers: int = 0, desc: str = "decode"
+    samples: Sequence[tuple[str, int]], size: int, num_workers: int = 0, desc: str | None = "decode"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode every image once: (N, 3, S, S) uint8 and (N,) int64 labels."""
+    """Decode every image once: (N, 3, S, S) uint8 and (N,) int64 labels (`desc` None: no progress bar, for
+    decoding inside another one)."""
     dataset = ResizedImages(samples, size)
     images = torch.empty((len(dataset), 3, size, size), dtype=torch.uint8)
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
     start = 0
     loader = _loader(dataset, batch_size=64, num_workers=num_workers)
-    for batch, _, errors in tqdm(loader, desc=desc, unit="batch", leave=False, **quiet_unless_main()):
+    quiet = quiet_unless_main() if desc is not None else {"disable": True}
+    for batch, _, errors in tqdm(loader, desc=desc, unit="batch", leave=False, **quiet):
         _raise_errors(errors)
         images[start : start + len(batch)] = batch
         start += len(batch)
@@ -102,6 +107,10 @@ def iterate_batches(
     With `batches`, only those batch numbers (0 = the first `batch_size` samples), in the given
     order: one process's share of an evaluation split across processes.
     """
+    shared = _SHARED.get()
+    if shared is not None and fits_in_memory(len(samples), size):
+        yield from _shared_batches(shared, samples, size, batch_size, num_workers, batches)
+        return
     dataset = ResizedImages(samples, size)
     if batches is None:
         loader = _loader(dataset, batch_size=batch_size, num_workers=num_workers)
@@ -124,7 +133,7 @@ class IndexedBatches:
         self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.int64)
         self.images: torch.Tensor | None = None
         if fits_in_memory(len(self.samples), size):
-            self.images, _ = load_all(self.samples, size, num_workers, desc="decode train")
+            self.images = _decode_all(self.samples, size, num_workers, desc="decode train")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -141,6 +150,50 @@ class IndexedBatches:
         for images, labels, errors in loader:
             _raise_errors(errors)
             yield images, labels
+
+
+class ImageSource(Protocol):
+    """Decoded images kept by a long-lived process for its runs (``engine.session.DecodedImages``)."""
+
+    def images(self, samples: Sequence[tuple[str, int]], size: int, num_workers: int = 0,
+               desc: str | None = "decode") -> list[torch.Tensor]: ...
+
+
+_SHARED: ContextVar[ImageSource | None] = ContextVar("shared_decoded_images", default=None)
+
+
+@contextmanager
+def sharing(cache: ImageSource) -> Iterator[None]:
+    """Within the block, training batches and evaluation read their images through `cache` (decoded once
+    per process instead of once per run)."""
+    token = _SHARED.set(cache)
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def _decode_all(samples: Sequence[tuple[str, int]], size: int, num_workers: int, desc: str) -> torch.Tensor:
+    """load_all's images, read through the shared cache of decoded images when one is active."""
+    shared = _SHARED.get()
+    if shared is None:
+        return load_all(samples, size, num_workers, desc)[0]
+    return torch.stack(shared.images(samples, size, num_workers, desc))
+
+
+def _shared_batches(
+    shared: ImageSource, samples: Sequence[tuple[str, int]], size: int, batch_size: int, num_workers: int,
+    batches: Sequence[int] | None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """iterate_batches' batches, read through a shared cache of decoded images."""
+    n = len(samples)
+    numbers = range(-(-n // batch_size)) if batches is None else batches
+    ranges = [range(b * batch_size, min((b + 1) * batch_size, n)) for b in numbers]
+    wanted = sorted({i for r in ranges for i in r})
+    decoded = shared.images([samples[i] for i in wanted], size, num_workers, desc=None)  # inside the caller's bar
+    images = dict(zip(wanted, decoded, strict=True))
+    for r in ranges:
+        yield torch.stack([images[i] for i in r]), torch.tensor([samples[i][1] for i in r], dtype=torch.int64)
 
 
 class _BatchByIndex(Dataset):

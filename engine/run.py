@@ -21,6 +21,7 @@ from engine.config import RunConfig
 from engine.context import RunContext, prepare_context, resolve_device
 from engine.evaluate import evaluate
 from engine.record import build_record, summary
+from engine.session import Session
 from engine.tracking import Tracker, start_tracking
 from engine.training import remove_checkpoints, train
 from engine.weights import load_weights, save_weights
@@ -29,11 +30,12 @@ from methods.registry import Plan
 from methods.registry import check_task as check
 
 
-def run(config: RunConfig) -> int:
+def run(config: RunConfig, session: Session | None = None) -> int:
     """One run of any method, from settings to results.json.
 
     Under torchrun every process runs this: all of them train and evaluate their share, rank 0
-    alone writes files and prints, and the others wait for it at barriers.
+    alone writes files and prints, and the others wait for it at barriers. A `session` (a sweep worker's)
+    lends the run the model, decoded images and image checks it keeps across runs; the results are the same.
     """
     method = get_method(config.method)
     if config.eval_only and not method.trains:
@@ -41,7 +43,9 @@ def run(config: RunConfig) -> int:
                         "run it without --eval_only")
     with dist.process_group(resolve_device(config.device).type), _silent_unless_main(), \
             contextlib.ExitStack() as held:
-        ctx = dist.main_first(lambda: prepare_context(config))  # downloads and caches once
+        if session is not None:
+            held.enter_context(session.serving())
+        ctx = dist.main_first(lambda: prepare_context(config, session))  # downloads and caches once
         if ctx is None:
             return 0
         if not config.eval_only and not held.enter_context(guard.owning_run_folder(ctx)):  # writable, locked

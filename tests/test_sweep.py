@@ -59,9 +59,9 @@ def finish(config: RunConfig) -> Path:
 
 
 def grid(out: Path, *more: str) -> list[str]:
-    """Experiment 2, demo data, tiny_clip, 2 shots x 2 seeds."""
+    """Experiment 2, demo data, tiny_clip, 2 shots x 2 seeds, one process per run (execute())."""
     return ["--experiment", "2", "--datasets", "demo", "--models", "tiny_clip", "--shots", "1 2",
-            "--seeds", "1 2", "--output_dir", str(out), *more]
+            "--seeds", "1 2", "--output_dir", str(out), "--worker", "false", *more]
 
 
 def config(out: Path, shots: int, seed: int, *flags: str) -> RunConfig:
@@ -477,7 +477,7 @@ def test_end_to_end_sweep_then_rerun_then_report(tmp_path, two_class_root, monke
 
     out = tmp_path / "out"
     monkeypatch.setattr(sweep, "execute", _execute_in_process)
-    args = _end_to_end_args(two_class_root, out)
+    args = [*_end_to_end_args(two_class_root, out), "--worker", "false"]
     done = sweep_main(capsys, *args)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ran 4, skipped 0 (already finished), failed 0" in done.stdout

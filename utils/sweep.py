@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import json
 import os
 import queue
 import re
@@ -137,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--dry_run", action="store_true", help="print the pending commands and exit")
     mode.add_argument("--slurm", action="store_true", help="write (and submit if sbatch exists) an array job")
     mode.add_argument("--gpus", default=None, help='one local worker per listed GPU, e.g. "0 1"')
+    p.add_argument("--worker", type=_truth, default=True,
+                   help="local sweeps: one long-lived process per GPU (or on the CPU) makes run after run, paying "
+                        "start-up, model building, image checks and decoding once (default True); False starts "
+                        "one process per run")
+    p.add_argument("--no_worker", dest="worker", action="store_false", help="the same as --worker False")
     p.add_argument("--sbatch", default="", help='#SBATCH options, e.g. "--partition=gpu --time=4:00:00"')
     p.add_argument("--max_parallel", type=int, default=None, help="SLURM: at most this many tasks at once")
     p.add_argument("--nodes", type=_positive, default=1,
@@ -148,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step_seconds", type=float, default=None,
                    help="with --estimate: seconds of one training step on images, instead of timing one")
     return p
+
+
+def _truth(text: str) -> bool:
+    """A True/False option value, spelled as the entry points' flags take it."""
+    from utils.cli import _bool
+
+    return _bool(text)
 
 
 def _words(text: str | None, option: str) -> list[str]:
@@ -526,6 +539,66 @@ def execute(job: Job, env: dict[str, str]) -> int:
             writer.wait()
 
 
+class WorkerProcess:
+    """One long-lived ``python -m utils.worker`` (one per GPU, or one on the CPU) that makes this sweep's runs
+    one after another in-process (utils/worker.py); started on first use, and again after it ends (a crash,
+    a GPU error). Its own process group, in RUNNING: a signal to the sweep reaches it as it reaches a run."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env = {"TQDM_MININTERVAL": LOG_PROGRESS_INTERVAL, **env}
+        self.process: subprocess.Popen | None = None
+
+    def execute(self, job: Job) -> int:
+        """Make one run in the worker, logged where execute() logs it; its exit status."""
+        job.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(job.log, "ab") as log:
+            log.write(_attempt_header(job, job.command(sys.executable)).encode())
+        process = self._started()
+        try:
+            try:
+                process.stdin.write(json.dumps({"args": job.args, "log": str(job.log)}) + "\n")
+                process.stdin.flush()
+                answer = process.stdout.readline()
+            except KeyboardInterrupt:
+                RUNNING.stop(signal.SIGINT)
+                try:
+                    process.wait()
+                except KeyboardInterrupt:
+                    RUNNING.stop(signal.SIGKILL)
+                raise
+        except BrokenPipeError:
+            answer = ""
+        if answer:
+            return int(json.loads(answer)["code"])
+        code = self._ended()
+        with open(job.log, "a", encoding="utf-8") as log:
+            log.write(f"# the sweep's worker ended (status {code}) during this run\n")
+        return code or 1
+
+    def _started(self) -> subprocess.Popen:
+        if self.process is None or self.process.poll() is not None:
+            if self.process is not None:
+                self._ended()
+            self.process = subprocess.Popen([sys.executable, "-m", "utils.worker"], cwd=REPO_ROOT, env=self.env,
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                            start_new_session=True)
+            RUNNING.add(self.process)
+        return self.process
+
+    def _ended(self) -> int:
+        code = self.process.wait()
+        RUNNING.discard(self.process)
+        self.process = None
+        return code
+
+    def close(self) -> None:
+        """Let the worker finish: no more runs (end of its input), then wait for it."""
+        if self.process is not None:
+            with contextlib.suppress(BrokenPipeError):
+                self.process.stdin.close()
+            self._ended()
+
+
 @contextlib.contextmanager
 def _stop_on_sigterm():
     """SIGTERM to the sweep: pass it on to the running runs (they checkpoint and exit) and start no other."""
@@ -555,18 +628,23 @@ def last_error_line(log: Path, start: int = 0) -> str | None:
     return (errors or said or [None])[-1]
 
 
-def _run_one(job: Job, gpu: str | None) -> Outcome:
-    """Run a job and check that it left a finished results.json where the sweep expects it."""
+def _run_env(gpu: str | None) -> dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
+
+
+def _run_one(job: Job, gpu: str | None, worker: WorkerProcess | None = None) -> Outcome:
+    """Run a job (in `worker`, else in a process of its own) and check that it left a finished results.json
+    where the sweep expects it."""
     start = time.perf_counter()
     owner = lock_owner(job.folder)
     if owner is not None:  # e.g. the run of an earlier sweep that was killed: it still runs and logs
         return Outcome(job, 0, 0.0, f"not started: {owner.text()} is running it; rerun the sweep when it ends")
     offset = job.log.stat().st_size if job.log.is_file() else 0
     try:
-        code = execute(job, env)
+        code = worker.execute(job) if worker is not None else execute(job, _run_env(gpu))
     except OSError as exc:
         return Outcome(job, 1, time.perf_counter() - start, f"could not start: {exc}")
     outcome = Outcome(job, code, time.perf_counter() - start)
@@ -578,8 +656,9 @@ def _run_one(job: Job, gpu: str | None) -> Outcome:
     return outcome
 
 
-def run_local(jobs: list[Job], gpus: list[str] | None = None) -> list[Outcome]:
-    """Run jobs here: sequentially, or one worker thread per GPU pulling from a shared queue."""
+def run_local(jobs: list[Job], gpus: list[str] | None = None, in_worker: bool = False) -> list[Outcome]:
+    """Run jobs here: sequentially, or one worker thread per GPU pulling from a shared queue; `in_worker`: each
+    thread's runs in one long-lived worker process (WorkerProcess), else one process per run."""
     todo: queue.Queue[tuple[int, Job]] = queue.Queue()
     for i, job in enumerate(jobs, 1):
         todo.put((i, job))
@@ -587,6 +666,14 @@ def run_local(jobs: list[Job], gpus: list[str] | None = None) -> list[Outcome]:
     lock = threading.Lock()
 
     def worker(gpu: str | None) -> None:
+        process = WorkerProcess(_run_env(gpu)) if in_worker else None
+        try:
+            take(gpu, process)
+        finally:
+            if process is not None:
+                process.close()
+
+    def take(gpu: str | None, process: WorkerProcess | None) -> None:
         while RUNNING.stopped_by is None:
             try:
                 i, job = todo.get_nowait()
@@ -595,7 +682,7 @@ def run_local(jobs: list[Job], gpus: list[str] | None = None) -> list[Outcome]:
             where = f" on GPU {gpu}" if gpu is not None else ""
             with lock:
                 print(f"[{i}/{len(jobs)}] start {job.label}{where}", flush=True)
-            outcome = _run_one(job, gpu)
+            outcome = _run_one(job, gpu, process)
             with lock:
                 outcomes.append(outcome)
                 took = f"{outcome.seconds:.1f} s"
@@ -766,7 +853,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         script, code = write_slurm(pending, args)
         print(f"array of {len(pending)} tasks: {script}")
         return code
-    outcomes = run_local(pending, gpus)
+    outcomes = run_local(pending, gpus, in_worker=args.worker)
     print(_summary(len(jobs), skipped, outcomes))
     if RUNNING.stopped_by is not None:
         print(f"stopped by signal {RUNNING.stopped_by}: rerun the same command to resume", file=sys.stderr)
