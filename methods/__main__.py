@@ -1,4 +1,5 @@
-"""python -m methods list: the registered methods, what they train and consume, and their flags."""
+"""python -m methods list: the registered methods, what they train and consume, the kinds of task they handle,
+where they come from, their typical learning rate and their flags."""
 
 import sys
 
@@ -13,10 +14,14 @@ def main(argv=None) -> int:
         return 2
     for m in methods():
         flags = " ".join(f"--{f.name}" for f in m.setting_fields()) or "(no settings)"
-        print(f"{m.name:<11} {m.inputs:<9} {m.description}")
-        print(f"{'':<11} flags: {flags}")
+        lr = f"lr {m.lr:g}" if m.lr is not None else ("lr: the run's --lr" if m.trains else "trains nothing")
+        print(f"{m.name:<13} {m.inputs:<9} {m.description}")
+        print(f"{'':<13} tasks: {', '.join(m.tasks)}; {lr}; packable: {'yes' if m.packable else 'no'}")
+        if m.source:
+            print(f"{'':<13} source: {m.source}")
+        print(f"{'':<13} flags: {flags}")
         for f in m.setting_fields():
-            print(f"{'':<13}--{f.name} (default {f.default!r}) {help_of(f)}")
+            print(f"{'':<15}--{f.name} (default {f.default!r}) {help_of(f)}")
     return 0
 
 
