@@ -8,7 +8,9 @@ activation, and what predict and export write. The kind of a dataset (``Split.ta
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +23,6 @@ Activation = typing.Literal["softmax", "sigmoid"]
 @dataclass
 class Evaluation:
     """What evaluating a run gives: metrics per part, one predictions.csv row per image, results.json extras."""
-
     metrics: dict
     rows: list  # (part, path, label, pred, values of the probability columns)
     columns: list[str]  # the probability columns of predictions.csv (the classes; none for image-text pairs)
@@ -51,7 +52,6 @@ class Task:
     export_info(record) -> what model.json says about the outputs (raise UserError when such runs do not export);
     settings: a dataclass of the task's own settings (flags, like a method's), resolved by :func:`settings_of`.
     """
-
     name: str
     description: str
     headline: str
@@ -123,9 +123,6 @@ def tasks() -> tuple[Task, ...]:
 
 def probability_csv(names: Sequence[str], probs, classes: Sequence[str], preds: Sequence[str]) -> str:
     """`path,pred,p_<class>...` text: one row per image, probabilities with 8 significant digits."""
-    import csv
-    import io
-
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "pred", *(f"p_{c}" for c in classes)])

@@ -19,10 +19,19 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
 from common.errors import UserError, exit_status
 from common.io import atomic_write, write_json_atomic
+from engine.results import RESULTS_FILE, read_results
+from lora.merge import has_adapters, merge_adapters
+from methods import get_method
+from methods.heads import LINEAR_HEAD, ImageClassifier
+from models import load_model as load_backbone
+from tasks import get_task
+from utils.cli import open_run
+from utils.predict import require_run, run_overrides
 
 MODEL_FILE = "model.safetensors"
 INFO_FILE = "model.json"
@@ -33,9 +42,6 @@ FORMAT_VERSION = 1
 # -- heads: described and rebuilt by the method that made them -----------------------------------
 def head_codec(method_name: str):
     """The head codec of a registered method (methods.heads.HeadCodec; a linear head when it declares none)."""
-    from methods import get_method
-    from methods.heads import LINEAR_HEAD
-
     return get_method(method_name).head_codec or LINEAR_HEAD
 
 
@@ -62,9 +68,6 @@ def exported_classifier(ctx, plan) -> tuple[nn.Module, bool]:
     Returns the module (``ImageClassifier``: ``backbone`` = the model spec's module, ``head``) and
     whether LoRA layers were merged. `ctx, plan` come from ``utils.cli.open_run``.
     """
-    from lora.merge import has_adapters, merge_adapters
-    from methods.heads import ImageClassifier
-
     if plan.inputs == "features":
         return ImageClassifier(ctx.spec, plan.model), False
     if not isinstance(plan.model, ImageClassifier) or plan.model.backbone is not ctx.spec.model:
@@ -99,9 +102,6 @@ def export_info(ctx, plan, merged: bool, head: dict) -> dict:
 def task_facts(ctx) -> dict:
     """What the run's task says about the classifier's outputs (task, activation, thresholds); refuses tasks
     whose runs have no classifier to export."""
-    from engine.results import RESULTS_FILE, read_results
-    from tasks import get_task
-
     task = get_task(ctx.split.task)
     record = read_results(Path(ctx.out) / RESULTS_FILE) if (Path(ctx.out) / RESULTS_FILE).is_file() else {}
     return task.export_info(record)
@@ -109,8 +109,6 @@ def task_facts(ctx) -> dict:
 
 def export_run(ctx, plan, out: str | Path) -> Path:
     """Write model.safetensors, then model.json (last: its presence means a complete export); the folder."""
-    from safetensors.torch import save_model
-
     out = Path(out).expanduser()
     facts = task_facts(ctx)  # before anything is merged or written: a task without a classifier is refused here
     module, merged = exported_classifier(ctx, plan)
@@ -130,10 +128,7 @@ def load_exported(folder: str | Path, device: str | torch.device = "cpu") -> tup
     The architecture comes from ``models.load_model(key, backbone=..., weights="random")``, so nothing is
     downloaded; every tensor of the module must be in model.safetensors.
     """
-    from safetensors.torch import load_file, load_model
 
-    from methods.heads import ImageClassifier
-    from models import load_model as load_backbone
 
     info = read_info(folder)
     path = Path(folder).expanduser() / MODEL_FILE
@@ -185,9 +180,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Check the folders, load the run, merge, write."""
-    from utils.cli import open_run
-    from utils.predict import require_run, run_overrides
-
     folder = require_run(args.run)
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():

@@ -24,14 +24,20 @@ from tqdm import tqdm
 
 from common.errors import UserError, exit_status
 from common.io import write_text_atomic
+from datasets.layouts import IMAGE_EXTENSIONS, is_image_name
+from engine.augment import normalise
+from engine.features import cache_root
+from engine.images import check_decodable, iterate_batches
+from engine.results import RESULTS_FILE, read_results
+from engine.trainer import autocast
+from tasks import get_task
+from utils.cli import open_run
 
 DEFAULT_OUT = "predictions.csv"
 
 
 def require_run(folder: str | Path) -> Path:
     """A finished run folder (one that holds results.json); UserError saying what to point at otherwise."""
-    from engine.results import RESULTS_FILE
-
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise UserError(f"run folder {folder} not found: point --run at a finished run folder (it holds "
@@ -44,8 +50,6 @@ def require_run(folder: str | Path) -> Path:
 def list_images(source: str | Path) -> list[tuple[str, str]]:
     """(path to read, name to report) of each image: every image file below a folder (recursive, sorted,
     named relative to it), the `path` column of a CSV (relative to the CSV's folder), or one image file."""
-    from datasets.layouts import IMAGE_EXTENSIONS, is_image_name
-
     source = Path(source).expanduser()
     if source.is_dir():
         found = sorted(
@@ -96,11 +100,6 @@ def predict_paths(ctx, plan, paths: Sequence[str], batch_size: int | None = None
     test set (whole image resized bicubic to the input size, normalised), and a feature method's head
     sees float32 features, as in the run.
     """
-    from engine.augment import normalise
-    from engine.images import iterate_batches
-    from engine.trainer import autocast
-    from tasks import get_task
-
     task = get_task(ctx.split.task)
     config, device = ctx.config, ctx.device
     batch_size = batch_size or config.batch_size
@@ -134,9 +133,6 @@ def activate(activation: str, outputs: torch.Tensor) -> torch.Tensor:
 def predictions_csv(ctx, names: Sequence[str], probs: torch.Tensor) -> str:
     """The task's `path,pred,p_<class>...` text for these images (multi-label: the labels that reach the run's
     validation thresholds)."""
-    from engine.results import RESULTS_FILE, read_results
-    from tasks import get_task
-
     record_path = Path(ctx.out) / RESULTS_FILE
     record = read_results(record_path) if record_path.is_file() else {}
     return get_task(ctx.split.task).predictions_csv(ctx, names, probs, record)
@@ -167,10 +163,6 @@ def run_overrides(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Check everything a user can get wrong, then load the run, predict and write the CSV."""
-    from engine.features import cache_root
-    from engine.images import check_decodable
-    from utils.cli import open_run
-
     folder = require_run(args.run)
     out = Path(args.out).expanduser()
     if out.exists() and not args.overwrite:
