@@ -249,8 +249,8 @@ def arm_label(group: Group, varying: Sequence[str]) -> str:
         if name in LABELLED_FIELDS or name in CONTEXT_FIELDS or name in ("lr", "backbone"):
             continue
         value = group.key.get(name)
-        if name == "weights" and value in (None, "random"):
-            continue
+        if value is None or (name == "weights" and value == "random"):
+            continue  # unset (e.g. no step budget for a method that trains nothing), or shown by the model label
         if name == "weights":
             value = Path(str(value)).name
         extras.append(f"{name}={_display(value)}")
