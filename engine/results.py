@@ -138,5 +138,6 @@ def write_predictions(path: str | Path, rows: list[tuple], classes: list[str], e
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["split", "path", "label", "pred", *(f"p_{c}" for c in classes), *extra_columns])
     for split, image, label, pred, probs, *extra in rows:
-        writer.writerow([split, image, label, pred, *(format(p, ".6g") for p in probs), *extra])
+        # 9 significant digits: a float32 probability read back is the one computed, so a tolerance means something
+        writer.writerow([split, image, label, pred, *(format(p, ".9g") for p in probs), *extra])
     return write_text_atomic(path, buffer.getvalue())

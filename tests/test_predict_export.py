@@ -79,7 +79,12 @@ def test_a_csv_of_paths_relative_to_it_gives_the_same_predictions(runs, data, tm
     rows = _read(by_csv)
     assert [row["path"] for row in rows] == ["test/red_1.png", "test/blue_0.png"]
     for row in rows:
-        assert row == {**folder_rows[row["path"].removeprefix("test/")], "path": row["path"]}
+        other = folder_rows[row["path"].removeprefix("test/")]
+        assert row["pred"] == other["pred"]
+        # the two runs batch different images together: probabilities may differ in their last float32 bits
+        probs = sorted(k for k in row if k.startswith("p_"))
+        assert probs == sorted(k for k in other if k.startswith("p_"))
+        assert [float(row[k]) for k in probs] == pytest.approx([float(other[k]) for k in probs], abs=1e-6)
 
 
 def test_predict_paths_is_the_python_api(runs, data):

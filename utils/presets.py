@@ -30,8 +30,9 @@ PRESETS: dict[str, dict] = {
     #     --lr 1e-3 --n_iters 100 --position "all" --encoder "vision" --pourcentage {pourcentage}
     #     --params "q k v o" --r 16 --model_name clip --level level_3
     # run.py: backbone = "ViT-L/14" when task == "percentage_lora" (the README's command gives no --backbone)
-    "exp3": {"method": "lora", "shots": 0, "lr": 1e-3, "n_iters": 100, "params": ("q", "k", "v", "o"), "r": 16,
-             "position": "all", "encoder": "vision", "model_name": "clip", "backbone": "ViT-L/14",
+    "exp3": {"method": "lora", "dataset": "hicervix", "shots": 0, "lr": 1e-3, "n_iters": 100,
+             "params": ("q", "k", "v", "o"), "r": 16, "position": "all", "encoder": "vision", "model_name": "clip",
+             "backbone": "ViT-L/14",
              "level": "level_3"},
     # parameter-efficient fine-tuning of medical foundation models on multi-label data
     "medpeft": {"method": "lora", "params": ("q", "v"), "alpha": 32.0, "dropout_rate": 0.1, "r": medpeft_rank},
