@@ -195,6 +195,7 @@ def test_a_stale_lock_file_of_a_gone_process_is_taken_over(tmp_path):
 def test_two_identical_commands_one_runs_the_other_exits_non_zero(folder_root, tmp_path):
     """End to end: a run holding its folder makes an identical command exit 2 naming the holder."""
     from engine.config import run_dir
+    from tests.conftest import run_entry
     from utils.cli import parse_config
 
     args = ["--root_path", str(folder_root), "--dataset", "folder", "--shots", "2", "--n_iters", "1",
@@ -202,17 +203,14 @@ def test_two_identical_commands_one_runs_the_other_exits_non_zero(folder_root, t
     folder = run_dir(parse_config(args, "linear"))
     child = _holder(folder)
     try:
-        second = subprocess.run([sys.executable, str(REPO / "main.py"), *args], capture_output=True, text=True,
-                                timeout=300, cwd=REPO)
+        second = run_entry("main.py", *args)
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
     assert second.returncode == 2, second.stderr
     assert f"process {child.pid}" in second.stderr and "Traceback" not in second.stderr
     assert not (folder / "results.json").exists()
-    time.sleep(0)  # the folder is free again: the same command now runs
-    again = subprocess.run([sys.executable, str(REPO / "main.py"), *args], capture_output=True, text=True,
-                           timeout=300, cwd=REPO)
+    again = run_entry("main.py", *args)  # the folder is free again (its lock stale): the same command runs
     assert again.returncode == 0, again.stderr
     assert (folder / "results.json").is_file() and not (folder / LOCK_FILE).exists()
 
