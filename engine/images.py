@@ -123,10 +123,27 @@ def iterate_batches(
         yield images, torch.as_tensor(labels).long()
 
 
-class IndexedBatches:
-    """Serves batches by explicit index lists, from memory or decoded on the fly."""
+# A GPU keeps a decoded train set in its own memory when the set takes at most this share of the free memory.
+DEVICE_SHARE = 0.25
 
-    def __init__(self, samples: Sequence[tuple[str, int]], size: int, num_workers: int = 0):
+
+def fits_on_device(nbytes: int, device: torch.device | None) -> bool:
+    """Whether a decoded set of `nbytes` is kept on `device` (a GPU with room for it) rather than in host memory."""
+    if device is None or device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= DEVICE_SHARE * free
+
+
+class IndexedBatches:
+    """Serves batches by explicit index lists, from memory or decoded on the fly.
+
+    A set that fits in memory is decoded once; on a GPU with room for it, it is kept there (`images` and
+    `labels` on the device), so that a training step indexes it without a host-to-device copy.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], size: int, num_workers: int = 0,
+                 device: torch.device | None = None):
         self.samples = list(samples)
         self.size = size
         self.num_workers = num_workers
@@ -134,6 +151,8 @@ class IndexedBatches:
         self.images: torch.Tensor | None = None
         if fits_in_memory(len(self.samples), size):
             self.images = _decode_all(self.samples, size, num_workers, desc="decode train")
+            if fits_on_device(self.images.numel(), device):
+                self.images, self.labels = self.images.to(device), self.labels.to(device)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -142,7 +161,7 @@ class IndexedBatches:
         """Yield (uint8 images, labels) for each list of indices, in order."""
         if self.images is not None:
             for idx in index_lists:
-                ids = torch.as_tensor(idx)
+                ids = torch.as_tensor(idx, device=self.images.device)
                 yield self.images[ids], self.labels[ids]
             return
         dataset = _BatchByIndex(ResizedImages(self.samples, self.size))

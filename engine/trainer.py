@@ -84,6 +84,11 @@ class TrainSettings:
     checkpoint_every: int = 200
     log_every: int = 10
     compile: bool = False  # torch.compile the module's training forward (self.module and its state_dict unchanged)
+    # torch.compile's mode: "default", or "reduce-overhead" (CUDA graphs: for small, launch-bound steps on a GPU)
+    compile_mode: str = "default"
+    # rows of a full global batch (min(batch size, train set)); with `compile`, smaller batches are padded to it so
+    # that one graph serves every step. 0: the largest batch seen so far
+    full_batch: int = 0
 
 
 @dataclass
@@ -156,17 +161,32 @@ def steps_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> int:
     return max(n // batch_size, 1) if drop_last else max(-(-n // batch_size), 1)
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the n samples in one epoch: a permutation seeded by (seed, epoch), drawn on the CPU."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(seed, -1 - epoch)))
+
+
+def batch_slices(n: int, batch_size: int, seed: int, start_step: int, drop_last: bool = False
+                 ) -> Iterator[tuple[torch.Tensor, int, int]]:
+    """Endless (epoch order, start, stop): the batch of each step from `start_step` on is order[start:stop].
+
+    One epoch order serves all of its batches (the same tensor object), so a consumer can move it to its
+    device once per epoch and index there."""
+    per_epoch = steps_per_epoch(n, batch_size, drop_last)
+    epoch, offset = divmod(start_step, per_epoch)
+    while True:
+        order = epoch_order(n, seed, epoch)
+        for b in range(offset, per_epoch):
+            yield order, b * batch_size, min((b + 1) * batch_size, n)
+        epoch, offset = epoch + 1, 0
+
+
 def batch_indices(n: int, batch_size: int, seed: int, start_step: int, drop_last: bool = False
                   ) -> Iterator[list[int]]:
     """Endless shuffled batches; epoch e is a permutation seeded by (seed, e), cut into steps_per_epoch
     batches (the last one partial unless `drop_last`)."""
-    per_epoch = steps_per_epoch(n, batch_size, drop_last)
-    epoch, offset = divmod(start_step, per_epoch)
-    while True:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(seed, -1 - epoch)))
-        for b in range(offset, per_epoch):
-            yield order[b * batch_size : (b + 1) * batch_size].tolist()
-        epoch, offset = epoch + 1, 0
+    for order, start, stop in batch_slices(n, batch_size, seed, start_step, drop_last):
+        yield order[start:stop].tolist()
 
 
 def autocast(device: torch.device, precision: str):
@@ -258,8 +278,11 @@ class Trainer:
         self.run_dir = run_dir
         self.fingerprint = fingerprint
         self.params = [p for p in module.parameters() if p.requires_grad]
+        # on a GPU the fused AdamW: a few kernels per step instead of a Python loop over the parameters
+        fused = settings.device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in self.params)
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.999)
+            self.params, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.999),
+            **({"fused": True} if fused and self.params else {})
         )
         if settings.schedule not in SCHEDULES:
             raise ValueError(f"unknown lr schedule {settings.schedule!r}; known: {', '.join(SCHEDULES)}")
@@ -268,6 +291,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: schedule(step, settings))
         self.scaler = torch.amp.GradScaler(settings.device.type, enabled=settings.precision == "fp16")
         self.step = 0
+        self._pad_rows: int | None = None  # set by fit (see _padded_rows)
 
     # -- checkpoints -------------------------------------------------------------------
     @property
@@ -342,6 +366,11 @@ class Trainer:
         ``(inputs, labels, Shard)``; `prepare(inputs_on_device, sample_seeds)` turns them into model
         inputs (augmentation seeded per sample). `after_step(step)`, when given, runs after every step
         (e.g. validation; it may put the module in eval mode, training mode is restored after it).
+
+        The loop does not wait for the device: each step's loss stays there, and the host reads the losses
+        of the last steps together every `log_every` steps, before a checkpoint, at a signal and at the last
+        step. A NaN or infinite loss therefore stops the run with TrainingDiverged naming the step where it
+        appeared, at most `log_every` steps later and before any checkpoint holds its weights.
         """
         s = self.s
         start = self.step
@@ -349,18 +378,21 @@ class Trainer:
         self.module.train()
         freeze_batchnorm(self.module)
         forward = self._forward_module()
+        self._pad_rows = self._padded_rows()
         compile_errors = _compile_errors() if s.compile else ()  # catches nothing without --compile
         progress = tqdm(total=s.total_steps, initial=start, desc=desc, unit="step", leave=False,
                         **dist.quiet_unless_main())
         t0 = self._t0 = time.perf_counter()
         self._images_now = 0
+        pending: list[torch.Tensor] = []  # the losses of the steps since the host last read them
+        agree = _StopAgreement()
         with _catch_signals() as received:
             for item in batches(start):
                 if self.step >= s.total_steps:
                     break
                 inputs, labels, shard = _local_part(item)
                 try:
-                    loss_value, stop = self._one_step(forward, inputs, labels, shard, prepare, received)
+                    pending.append(self._one_step(forward, inputs, labels, shard, prepare))
                 except compile_errors as exc:
                     if self.step != start:  # compilation happens in the first step
                         raise
@@ -374,7 +406,12 @@ class Trainer:
                 self._images_now = images
                 self.step += 1
                 progress.update(1)
-                if self.step % s.log_every == 0 or self.step == s.total_steps:
+                stop = agree(bool(received))  # every rank agrees on the step, so they all stop together
+                checkpoint = s.checkpoint_every > 0 and self.step % s.checkpoint_every == 0 \
+                    and self.step < s.total_steps
+                if stop or checkpoint or self.step % s.log_every == 0 or self.step == s.total_steps:
+                    loss_value = self._read_losses(pending)
+                    pending.clear()
                     progress.set_postfix(loss=f"{loss_value:.4f}")
                     if log is not None:
                         rate = images / max(time.perf_counter() - t0, 1e-9)
@@ -384,23 +421,46 @@ class Trainer:
                     after_step(self.step)
                     self.module.train()
                     freeze_batchnorm(self.module)
-                if stop:  # every rank agrees on the step, so they all stop together
+                if stop:
                     path = self.save_checkpoint()
                     progress.close()
                     raise TrainingInterrupted(self.step, received[0] if received else signal.SIGTERM, path)
-                if s.checkpoint_every > 0 and self.step % s.checkpoint_every == 0 and self.step < s.total_steps:
+                if checkpoint:
                     self.save_checkpoint()
+        if pending:  # the batches ran out before total_steps
+            loss_value = self._read_losses(pending)
         progress.close()
         if s.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(s.device)
         seconds = self._seconds_so_far()
         self._t0 = None
         return TrainStats(self.step - start, self._images_before + images, seconds, loss_value, start)
+
+    def _read_losses(self, pending: list[torch.Tensor]) -> float:
+        """The global loss of the last pending step, read with one device-to-host copy (and under torchrun one
+        all-reduce) for all of them; TrainingDiverged names the first step whose loss is not finite."""
+        values = dist.all_sum(torch.stack(pending).tolist())
+        first = self.step - len(values) + 1  # the step number (from 1) of values[0]
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"the loss became {value} at step {first + i}: lower the learning rate "
+                    f"(--lr {self.s.lr:g} now) or use --precision fp32"
+                )
+        return values[-1]
 
     def _seconds_so_far(self) -> float:
         """Training time of this stage over every attempt: earlier ones (from the checkpoint) and this one."""
         now = 0.0 if self._t0 is None else time.perf_counter() - self._t0
         return self._seconds_before + now
+
+    def _padded_rows(self) -> int | None:
+        """Rows this rank's batches are padded to under `compile` (one graph for every step, the epoch's last
+        partial batch included); None without `compile`, 0 when the full batch is not known (the largest batch
+        seen so far is used). Image-text stages are not padded: their outputs depend on the whole batch."""
+        if not self.s.compile or self.forward_targets:
+            return None
+        return -(-self.s.full_batch // dist.world_size())
 
     def _forward_module(self) -> nn.Module:
         """The module itself, or under torchrun a DistributedDataParallel wrapper that averages gradients.
@@ -410,9 +470,12 @@ class Trainer:
         the training forward goes through it: self.module, whose state the checkpoints and the engine save
         and load, stays the plain module (a compiled wrapper's state_dict keys would gain `_orig_mod.`).
 
-        Shapes are static (dynamic=False): a run has few batch sizes (the full batch, an epoch's last partial
-        one, their slices under torchrun), each compiled once into a graph specialised to it."""
-        module = torch.compile(self.module, dynamic=False) if self.s.compile else self.module
+        Shapes are static (dynamic=False): every batch is padded to the full batch's rows (see _pad), so a run
+        compiles one graph. `compile_mode` "reduce-overhead" records it as a CUDA graph."""
+        module = self.module
+        if self.s.compile:
+            mode = None if self.s.compile_mode == "default" else self.s.compile_mode
+            module = torch.compile(self.module, dynamic=False, mode=mode)
         if not dist.active():
             return module
         device = self.s.device
@@ -424,37 +487,88 @@ class Trainer:
             static_graph=True,
         )
 
-    def _one_step(self, forward: nn.Module, inputs, labels, shard: Shard, prepare, received: list[int]
-                  ) -> tuple[float, bool]:
-        """One optimiser step; returns the loss over the global batch and whether any rank has received a
-        signal (one all-reduce carries both, so that all ranks stop after the same step)."""
+    def _pad(self, inputs: torch.Tensor) -> torch.Tensor:
+        """`inputs` with copies of its first row appended up to the padded rows (compile only). The padded rows'
+        outputs are cut off before the loss, so they change neither the loss nor any gradient."""
+        if self._pad_rows is None:
+            return inputs
+        self._pad_rows = max(self._pad_rows, len(inputs))
+        missing = self._pad_rows - len(inputs)
+        if missing == 0:
+            return inputs
+        return torch.cat([inputs, inputs[:1].expand(missing, *inputs.shape[1:])])
+
+    def _one_step(self, forward: nn.Module, inputs, labels, shard: Shard, prepare) -> torch.Tensor:
+        """One optimiser step; returns this rank's share of the loss over the global batch, on the device
+        (nothing here waits for the device)."""
         s = self.s
-        torch.manual_seed(dropout_seed(s.seed, self.step, dist.rank()))  # dropout of this step; also seeds CUDA
+        seed_step(dropout_seed(s.seed, self.step, dist.rank()), s.device)  # dropout of this step
         seeds = sample_seeds(s.seed, self.step, shard.first, len(labels))
         inputs = prepare(inputs.to(s.device, non_blocking=True), seeds)
         labels = labels.to(s.device, non_blocking=True)
+        if s.compile and s.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer read
+        rows = len(inputs)
         with autocast(s.device, s.precision):
-            logits = forward(inputs, labels) if self.forward_targets else forward(inputs)
+            logits = forward(inputs, labels) if self.forward_targets else forward(self._pad(inputs))[:rows]
         task = self.loss_fn(logits.float(), labels)
         # DDP averages gradients over N ranks; weighting each slice's mean by N x its share of the
         # global batch makes that average the mean over the global batch, partial batches included.
-        loss = task * (shard.weight * dist.world_size())
+        world = dist.world_size()
+        factor = shard.weight * world
+        loss = task if factor == 1.0 else task * factor  # (x * 1.0 is x: one operation less per step)
         extra = self.extra_loss(self.module) if self.extra_loss is not None else None
         if extra is not None:
             loss = loss + extra  # the same on every rank, so its average is itself
-        reported = task.detach() * shard.weight + (0.0 if extra is None else extra.detach() / dist.world_size())
-        loss_value, signalled = dist.all_sum([reported.item(), float(bool(received))])
-        if not math.isfinite(loss_value):
-            raise TrainingDiverged(
-                f"the loss became {loss_value} at step {self.step + 1}: lower the learning rate "
-                f"(--lr {s.lr:g} now) or use --precision fp32"
-            )
+        reported = task.detach() if shard.weight == 1.0 else task.detach() * shard.weight
+        if extra is not None:
+            reported = reported + extra.detach() / world
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return loss_value, signalled > 0
+        return reported
+
+
+class _StopAgreement:
+    """Whether any rank has received a signal, agreed by all ranks after every step without waiting for the
+    device: one process reads its own flag; under torchrun the flags are summed over a CPU (gloo) group."""
+
+    _groups: dict = {}  # one gloo group per default process group, made once (its creation is collective)
+
+    def __init__(self):
+        self.group = None
+        if dist.active():
+            import torch.distributed as tdist
+
+            default = tdist.group.WORLD
+            if tdist.get_backend() == "gloo":
+                self.group = default
+            else:
+                if default not in self._groups:
+                    self._groups[default] = tdist.new_group(backend="gloo")
+                self.group = self._groups[default]
+
+    def __call__(self, received: bool) -> bool:
+        if self.group is None:
+            return received
+        import torch.distributed as tdist
+
+        flag = torch.tensor([1 if received else 0], dtype=torch.int32)
+        tdist.all_reduce(flag, group=self.group)
+        return bool(flag.item())
+
+
+def seed_step(seed: int, device: torch.device) -> None:
+    """Seed torch's generators of the CPU and of `device` (dropout): what torch.manual_seed does for them,
+    without its lazy seeding of every other device type on every call (milliseconds per step)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[torch.cuda.current_device() if device.index is None else device.index
+                                      ].manual_seed(seed)
+    elif device.type != "cpu":
+        getattr(torch, device.type).manual_seed(seed)
 
 
 def _local_part(item: tuple) -> tuple[torch.Tensor, torch.Tensor, Shard]:

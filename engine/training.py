@@ -21,7 +21,8 @@ def _train_settings(c: RunConfig, ctx: RunContext, stage: Stage) -> TrainSetting
     return TrainSettings(lr=stage.lr, weight_decay=c.weight_decay, warmup_steps=c.warmup_steps,
                          total_steps=stage.steps, min_lr=c.min_lr, seed=c.seed, device=ctx.device,
                          precision=ctx.precision, checkpoint_every=c.checkpoint_every, compile=c.compile,
-                         schedule=stage.schedule, cycle_steps=c.n_iters)
+                         schedule=stage.schedule, cycle_steps=c.n_iters,
+                         full_batch=min(c.batch_size, len(ctx.split.train)))
 
 def train(ctx: RunContext, plan: Plan, tracker) -> tuple[list[dict], int]:
     """Run every stage in order, each resumable from its own checkpoint.

@@ -100,10 +100,14 @@ def add_transductive_stage(ctx, plan: Plan, s: TransductiveSettings) -> Plan:
     prior = class_prior(train_y, len(ctx.split.classes), s.ti_prior)
     model = plan.model
 
+    on_device: dict = {}  # the test features and prior moved to the training device once, not every step
+
     def penalty(module) -> torch.Tensor:
         device = next(module.parameters()).device
-        probs = module(test_x.to(device)).float().softmax(dim=1)
-        return s.ti_lambda * proportion_penalty(probs, prior.to(device), s.ti_margin)
+        if device not in on_device:
+            on_device[device] = (test_x.to(device), prior.to(device))
+        x, p = on_device[device]
+        return s.ti_lambda * proportion_penalty(module(x).float().softmax(dim=1), p, s.ti_margin)
 
     plan.stages.append(Stage("transductive", model, "features", s.ti_steps, ctx.config.lr, extra_loss=penalty))
     plan.notes["transductive_prior"] = [round(float(p), 6) for p in prior]

@@ -48,9 +48,12 @@ def test_engine_passes_compile_to_the_trainer(folder_root, tmp_path):
 
     config = parse_config(["--dataset", "folder", "--root_path", str(folder_root), "--model_name", "tiny_clip",
                            "--compile", "True", "--output_dir", str(tmp_path)], "lora")
-    ctx = SimpleNamespace(device=torch.device("cpu"), precision="fp32")
+    ctx = SimpleNamespace(device=torch.device("cpu"), precision="fp32", split=SimpleNamespace(train=[("a", 0)] * 40))
     stage = Stage("lora", nn.Linear(2, 2), "images", 3, 1e-3)
     assert _train_settings(config, ctx, stage).compile is True
+    assert _train_settings(config, ctx, stage).full_batch == 32  # batches are padded to the full batch's rows
+    ctx.split.train = ctx.split.train[:5]
+    assert _train_settings(config, ctx, stage).full_batch == 5  # a set smaller than a batch: every batch is full
     config.compile = False
     assert _train_settings(config, ctx, stage).compile is False
 
