@@ -33,6 +33,12 @@ BAD = ("--method", "lora", "--shots", "two")
 SECOND = ("--method", "lora", "--shots", "4", "--seed", "2", "--r", "2")
 
 
+def request(*runs: tuple[list[str], Path], pack: int = 1) -> str:
+    """One line of the worker's input: these runs (argument lists of main_lora.py, and logs)."""
+    return json.dumps({"runs": [{"args": ["main_lora.py", *args], "log": str(log)} for args, log in runs],
+                       "pack": pack}) + "\n"
+
+
 def folder_of(args: list[str]) -> Path:
     return run_dir(parse_config(args, notify=False))
 
@@ -46,7 +52,7 @@ def worker_pass(folder_root, tmp_path_factory):
         args = flags(folder_root, out, *more)
         log = out / f"run{len(logs)}.log"
         logs.append(log)
-        requests.append(json.dumps({"args": ["main_lora.py", *args], "log": str(log)}) + "\n")
+        requests.append(request((args, log)))
     answers = out / "answers.jsonl"
     session = Session()
     with open(answers, "w") as handle:
@@ -57,7 +63,7 @@ def worker_pass(folder_root, tmp_path_factory):
 
 def test_a_failing_run_is_recorded_and_the_worker_goes_on(worker_pass):
     assert worker_pass["code"] == 0
-    assert [a["code"] for a in worker_pass["answers"]] == [0, 2, 0]
+    assert [a["codes"] for a in worker_pass["answers"]] == [[0], [2], [0]]
     bad = worker_pass["logs"][1].read_text().splitlines()
     assert any(line.startswith("error: argument --shots") for line in bad), bad
     assert bad[-1].startswith("# worker: exit 2 after ")
@@ -118,7 +124,7 @@ def test_sigterm_during_training_saves_the_checkpoint_and_ends_the_worker(folder
     args = flags(folder_root, tmp_path, "--method", "lora", "--shots", "4", "--seed", "3", "--n_iters", "20",
                  "--checkpoint_every", "1000")
     log = tmp_path / "long.log"
-    requests = [json.dumps({"args": ["main_lora.py", *args], "log": str(log)}) + "\n"] * 2
+    requests = [request((args, log))] * 2
     one_step = Trainer._one_step
 
     def step_then_stop(self, *a, **kw):  # SIGTERM arrives during the third training step
@@ -135,7 +141,7 @@ def test_sigterm_during_training_saves_the_checkpoint_and_ends_the_worker(folder
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert code == 128 + signal.SIGTERM
-    assert [json.loads(line)["code"] for line in answers.read_text().splitlines()] == [128 + signal.SIGTERM]
+    assert [json.loads(line)["codes"] for line in answers.read_text().splitlines()] == [[128 + signal.SIGTERM]]
     assert (folder_of(args) / "checkpoint.pt").is_file() and not (folder_of(args) / RESULTS_FILE).exists()
     text = log.read_text()
     assert "interrupted at step" in text and "rerun the same command to resume" in text
@@ -161,3 +167,32 @@ def test_the_sweep_runs_every_run_in_one_worker_process(folder_root, tmp_path, c
         pids |= {line.split("pid ")[1].split(",")[0] for line in lines if line.startswith("# in the sweep's worker")}
         assert (log.with_suffix("") / RESULTS_FILE).is_file() or Path(str(log)[:-4], RESULTS_FILE).is_file()
     assert len(pids) == 1
+
+
+def test_a_packed_request_trains_its_runs_together_and_logs_each(folder_root, tmp_path):
+    runs = [(flags(folder_root, tmp_path, "--method", "lora", "--shots", "2", "--seed", str(seed), "--r", "2"),
+             tmp_path / f"seed{seed}.log") for seed in (1, 2)]
+    answers = tmp_path / "answers.jsonl"
+    with open(answers, "w") as handle:
+        assert worker.serve([request(*runs, pack=2)], handle) == 0
+    assert json.loads(answers.read_text())["codes"] == [0, 0]
+    for args, log in runs:
+        record = json.loads((folder_of(args) / RESULTS_FILE).read_text())
+        assert record["packed"]["runs"] == 2
+        lines = log.read_text().splitlines()
+        assert "packed with 1 other run(s)" in lines[0] and lines[-1].startswith("# worker: exit 0 after ")
+        assert sum(line.startswith("results: ") for line in lines) == 2  # the pack's output, in each log
+
+
+def test_the_sweep_packs_runs_that_share_a_backbone_only_in_its_worker(tmp_path, capsys):
+    grid = ["--methods", "lora knn", "--datasets", "demo", "--models", "tiny_clip", "--shots", "1 2", "--seeds",
+            "1 2 3", "--output_dir", str(tmp_path)]
+    jobs = sweep.expand(sweep.build_parser().parse_args(grid))
+    groups = sweep.pack_groups(jobs, 4)
+    assert [len(g) for g in groups] == [4, 2] + [1] * 6  # 6 lora runs in packs of at most 4; knn trains nothing
+    assert [i for g in groups for i, _ in g] == list(range(1, 13))
+    assert {job.config.method for _, job in groups[0] + groups[1]} == {"lora"}
+    assert [len(g) for g in sweep.pack_groups(jobs, 1)] == [1] * 12
+    for mode in (["--worker", "false"], ["--slurm"]):
+        assert sweep.main([*grid, "--pack", "2", *mode]) == 2
+        assert "--pack trains runs together" in capsys.readouterr().err

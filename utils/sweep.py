@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "start-up, model building, image checks and decoding once (default True); False starts "
                         "one process per run")
     p.add_argument("--no_worker", dest="worker", action="store_false", help="the same as --worker False")
+    p.add_argument("--pack", type=_positive, default=1,
+                   help="with the worker: up to N runs that share a frozen backbone (engine.packing.pack_key: "
+                        "other seeds, learning rates, shots or folds) train together in one step (default 1: "
+                        "each run alone)")
     p.add_argument("--sbatch", default="", help='#SBATCH options, e.g. "--partition=gpu --time=4:00:00"')
     p.add_argument("--max_parallel", type=int, default=None, help="SLURM: at most this many tasks at once")
     p.add_argument("--nodes", type=_positive, default=1,
@@ -548,15 +552,18 @@ class WorkerProcess:
         self.env = {"TQDM_MININTERVAL": LOG_PROGRESS_INTERVAL, **env}
         self.process: subprocess.Popen | None = None
 
-    def execute(self, job: Job) -> int:
-        """Make one run in the worker, logged where execute() logs it; its exit status."""
-        job.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(job.log, "ab") as log:
-            log.write(_attempt_header(job, job.command(sys.executable)).encode())
+    def execute(self, jobs: list[Job], pack: int = 1) -> list[int]:
+        """Make runs in the worker (several: packed, at most `pack` per step), each logged where execute() logs
+        it; their exit statuses."""
+        for job in jobs:
+            job.log.parent.mkdir(parents=True, exist_ok=True)
+            with open(job.log, "ab") as log:
+                log.write(_attempt_header(job, job.command(sys.executable)).encode())
         process = self._started()
+        request = {"runs": [{"args": job.args, "log": str(job.log)} for job in jobs], "pack": pack}
         try:
             try:
-                process.stdin.write(json.dumps({"args": job.args, "log": str(job.log)}) + "\n")
+                process.stdin.write(json.dumps(request) + "\n")
                 process.stdin.flush()
                 answer = process.stdout.readline()
             except KeyboardInterrupt:
@@ -569,11 +576,12 @@ class WorkerProcess:
         except BrokenPipeError:
             answer = ""
         if answer:
-            return int(json.loads(answer)["code"])
+            return [int(code) for code in json.loads(answer)["codes"]]
         code = self._ended()
-        with open(job.log, "a", encoding="utf-8") as log:
-            log.write(f"# the sweep's worker ended (status {code}) during this run\n")
-        return code or 1
+        for job in jobs:
+            with open(job.log, "a", encoding="utf-8") as log:
+                log.write(f"# the sweep's worker ended (status {code}) during this run\n")
+        return [code or 1] * len(jobs)
 
     def _started(self) -> subprocess.Popen:
         if self.process is None or self.process.poll() is not None:
@@ -635,33 +643,68 @@ def _run_env(gpu: str | None) -> dict[str, str]:
     return env
 
 
-def _run_one(job: Job, gpu: str | None, worker: WorkerProcess | None = None) -> Outcome:
-    """Run a job (in `worker`, else in a process of its own) and check that it left a finished results.json
-    where the sweep expects it."""
+def _run_jobs(jobs: list[Job], gpu: str | None, worker: WorkerProcess | None = None, pack: int = 1) -> list[Outcome]:
+    """Run jobs (in `worker`, packed when there are several; else each in a process of its own) and check that
+    each left a finished results.json where the sweep expects it."""
     start = time.perf_counter()
-    owner = lock_owner(job.folder)
-    if owner is not None:  # e.g. the run of an earlier sweep that was killed: it still runs and logs
-        return Outcome(job, 0, 0.0, f"not started: {owner.text()} is running it; rerun the sweep when it ends")
-    offset = job.log.stat().st_size if job.log.is_file() else 0
+    outcomes: list[Outcome | None] = [None] * len(jobs)
+    for n, job in enumerate(jobs):
+        owner = lock_owner(job.folder)
+        if owner is not None:  # e.g. the run of an earlier sweep that was killed: it still runs and logs
+            outcomes[n] = Outcome(job, 0, 0.0, f"not started: {owner.text()} is running it; rerun the sweep when "
+                                               "it ends")
+    ready = [n for n, outcome in enumerate(outcomes) if outcome is None]
+    offsets = {n: jobs[n].log.stat().st_size if jobs[n].log.is_file() else 0 for n in ready}
     try:
-        code = worker.execute(job) if worker is not None else execute(job, _run_env(gpu))
+        if worker is not None and ready:
+            codes = worker.execute([jobs[n] for n in ready], pack)
+        else:
+            codes = [execute(jobs[n], _run_env(gpu)) for n in ready]
     except OSError as exc:
-        return Outcome(job, 1, time.perf_counter() - start, f"could not start: {exc}")
-    outcome = Outcome(job, code, time.perf_counter() - start)
-    if code == 0 and not is_finished(job.folder):
-        outcome.message = (f"exited 0 but left no {RESULTS_FILE} in {job.folder}; the entry point and the "
-                           "sweep disagree on the run folder")
-    if not outcome.ok:
-        outcome.last_error = last_error_line(job.log, offset)
-    return outcome
+        for n in ready:
+            outcomes[n] = Outcome(jobs[n], 1, time.perf_counter() - start, f"could not start: {exc}")
+        return outcomes
+    for n, code in zip(ready, codes, strict=True):
+        job = jobs[n]
+        outcome = outcomes[n] = Outcome(job, code, time.perf_counter() - start)
+        if code == 0 and not is_finished(job.folder):
+            outcome.message = (f"exited 0 but left no {RESULTS_FILE} in {job.folder}; the entry point and the "
+                               "sweep disagree on the run folder")
+        if not outcome.ok:
+            outcome.last_error = last_error_line(job.log, offsets[n])
+    return outcomes
 
 
-def run_local(jobs: list[Job], gpus: list[str] | None = None, in_worker: bool = False) -> list[Outcome]:
+def pack_groups(jobs: list[Job], pack: int) -> list[list[tuple[int, Job]]]:
+    """The numbered jobs in order, those that can train packed (equal ``engine.packing.pack_key``) gathered in
+    groups of at most `pack`; the others (and all of them with `pack` 1) one per group."""
+    numbered = list(enumerate(jobs, 1))
+    if pack < 2:
+        return [[item] for item in numbered]
+    from engine.packing import pack_key
+
+    groups: list[list[tuple[int, Job]]] = []
+    filling: dict[str, list[tuple[int, Job]]] = {}
+    for item in numbered:
+        key = pack_key(item[1].config)
+        group = filling.get(key) if key is not None else None
+        if group is None or len(group) >= pack:
+            group = []
+            groups.append(group)
+            if key is not None:
+                filling[key] = group
+        group.append(item)
+    return groups
+
+
+def run_local(jobs: list[Job], gpus: list[str] | None = None, in_worker: bool = False,
+              pack: int = 1) -> list[Outcome]:
     """Run jobs here: sequentially, or one worker thread per GPU pulling from a shared queue; `in_worker`: each
-    thread's runs in one long-lived worker process (WorkerProcess), else one process per run."""
-    todo: queue.Queue[tuple[int, Job]] = queue.Queue()
-    for i, job in enumerate(jobs, 1):
-        todo.put((i, job))
+    thread's runs in one long-lived worker process (WorkerProcess), `pack` > 1 up to that many at once where
+    they can train packed, else one process per run."""
+    todo: queue.Queue[list[tuple[int, Job]]] = queue.Queue()
+    for group in pack_groups(jobs, pack if in_worker else 1):
+        todo.put(group)
     outcomes: list[Outcome] = []
     lock = threading.Lock()
 
@@ -676,19 +719,22 @@ def run_local(jobs: list[Job], gpus: list[str] | None = None, in_worker: bool = 
     def take(gpu: str | None, process: WorkerProcess | None) -> None:
         while RUNNING.stopped_by is None:
             try:
-                i, job = todo.get_nowait()
+                group = todo.get_nowait()
             except queue.Empty:
                 return
             where = f" on GPU {gpu}" if gpu is not None else ""
+            packed = f" (packed, {len(group)} runs)" if len(group) > 1 else ""
             with lock:
-                print(f"[{i}/{len(jobs)}] start {job.label}{where}", flush=True)
-            outcome = _run_one(job, gpu, process)
+                for i, job in group:
+                    print(f"[{i}/{len(jobs)}] start {job.label}{where}{packed}", flush=True)
+            done = _run_jobs([job for _, job in group], gpu, process, pack)
             with lock:
-                outcomes.append(outcome)
-                took = f"{outcome.seconds:.1f} s"
-                status = f"ok {job.label} ({took})" if outcome.ok else (
-                    f"FAILED {job.label} (exit {outcome.returncode}, {took}), log: {job.log}")
-                print(f"[{i}/{len(jobs)}] {status}", flush=True)
+                for (i, job), outcome in zip(group, done, strict=True):
+                    outcomes.append(outcome)
+                    took = f"{outcome.seconds:.1f} s"
+                    status = f"ok {job.label} ({took})" if outcome.ok else (
+                        f"FAILED {job.label} (exit {outcome.returncode}, {took}), log: {job.log}")
+                    print(f"[{i}/{len(jobs)}] {status}", flush=True)
 
     with _stop_on_sigterm():
         if not gpus:
@@ -829,6 +875,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     gpus = _words(args.gpus, "--gpus") if args.gpus is not None else None
     _check_estimate_options(args)
+    _check_pack_options(args)
     jobs = expand(args)
     for message in dict.fromkeys(w for job in jobs for w in job.config.warnings):  # each once, not once per run
         print(f"note: {message}", file=sys.stderr)
@@ -853,12 +900,19 @@ def run(argv: Sequence[str] | None = None) -> int:
         script, code = write_slurm(pending, args)
         print(f"array of {len(pending)} tasks: {script}")
         return code
-    outcomes = run_local(pending, gpus, in_worker=args.worker)
+    outcomes = run_local(pending, gpus, in_worker=args.worker, pack=args.pack)
     print(_summary(len(jobs), skipped, outcomes))
     if RUNNING.stopped_by is not None:
         print(f"stopped by signal {RUNNING.stopped_by}: rerun the same command to resume", file=sys.stderr)
         return 128 + RUNNING.stopped_by
     return 1 if any(not o.ok for o in outcomes) else 0
+
+
+def _check_pack_options(args: argparse.Namespace) -> None:
+    if args.pack > 1 and args.slurm:
+        raise SweepError("--pack trains runs together in a local sweep's worker; SLURM tasks run alone: drop --pack")
+    if args.pack > 1 and not args.worker:
+        raise SweepError("--pack trains runs together in the sweep's worker: drop --worker False (or --pack)")
 
 
 def _check_estimate_options(args: argparse.Namespace) -> None:
