@@ -42,14 +42,16 @@ def test_step_seconds_gives_exact_steps_images_and_time_and_times_nothing(tmp_pa
     code, stdout, stderr = run_sweep(capsys, *GRID, "--output_dir", str(out), "--estimate", "--step_seconds", "2")
     assert code == 0, stderr
     # demo data: 4 classes with enough images, so K = shots and the train set holds 4K images (< batch 32,
-    # one step per epoch). Budgets: linear and lp_ft's stage 1 = warmup 50 + n_iters 3 x 1 epoch step = 53;
-    # lora and lp_ft's stage 2 = 50 + 3 x K; knn trains nothing; lora K=1 is finished.
+    # one step per epoch). --n_iters goes to the methods counting it in shots when the sweep has some (lora,
+    # lp_ft); linear keeps its own 100 epochs. Budgets: linear = warmup 50 + 100 x 1 epoch step = 150; lp_ft's
+    # stage 1 = 50 + n_iters 3 x 1 = 53; lora and lp_ft's stage 2 = 50 + 3 x K; knn trains nothing; lora K=1 is
+    # finished.
     image_steps = (50 + 3 * 2) + (50 + 3 * 1) + (50 + 3 * 2)  # lora K2, lp_ft ft K1, lp_ft ft K2
     images = 56 * 8 + 53 * 4 + 56 * 8
-    feature_steps = 53 * 4  # linear K1, K2; lp_ft lp K1, K2
-    assert (image_steps, images, feature_steps) == (165, 1108, 212)
+    feature_steps = 150 * 2 + 53 * 2  # linear K1, K2; lp_ft lp K1, K2
+    assert (image_steps, images, feature_steps) == (165, 1108, 406)
     assert "estimate: 7 runs to run, 1 finished (not counted)" in stdout
-    assert "training: 377 steps; 165 on images (1,108 images), 212 on cached features" in stdout
+    assert "training: 571 steps; 165 on images (1,108 images), 406 on cached features" in stdout
     assert "wall time at 2 s per training step on images (--step_seconds; nothing timed): 5 min 30 s for 7 runs" \
         in stdout
     # frozen features once per model and images (test is shared by K=1 and K=2); images evaluated per run
