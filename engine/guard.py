@@ -132,9 +132,11 @@ class RunLock:
         self.path = self.folder / LOCK_FILE
         self.fd: int | None = None
         self.took_over: LockOwner | None = None  # the stale owner this lock replaced
+        self.created: list[Path] = []  # folders the lock made, deepest first: removed again if left empty
 
     def acquire(self) -> RunLock:
         """Take the folder; RunFolderBusy naming the owner when a live process holds it."""
+        self.created = self.created or _missing_folders(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -183,6 +185,11 @@ class RunLock:
         finally:
             os.close(self.fd)
             self.fd = None
+        for folder in self.created:  # a run that stopped before writing anything leaves no empty folders
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty (or not ours any more): keep it and the folders above it
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -210,11 +217,23 @@ def lock_owner(folder: str | Path) -> LockOwner | None:
     return None
 
 
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders of `folder`'s path that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
 def claim_run_folder(folder: str | Path, need_bytes: int = 0) -> RunLock:
     """Check the folder (writable, room for `need_bytes`), lock it for this process, and remove the temporary
     files of earlier writes that were killed; the caller releases the returned lock when the run ends."""
+    created = _missing_folders(Path(folder))
     check_output_folder(folder, need_bytes)
-    lock = RunLock(folder).acquire()
+    lock = RunLock(folder)
+    lock.created = created
+    lock.acquire()
     if lock.took_over is not None:
         print(f"note: {lock.took_over.text()} had stopped without releasing {lock.path}; taking the folder over",
               file=sys.stderr)

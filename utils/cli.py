@@ -144,7 +144,10 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser(default_method: str, prog: str) -> argparse.ArgumentParser:
     """The run parser; `default_method` is what --method defaults to for this entry point."""
-    from methods import method_names
+    from datasets.registry import dataset_names, dataset_setting_fields
+    from methods import method_names, methods
+    from methods.registry import help_of
+    from models.registry import entries
 
     p = _Parser(prog=prog, allow_abbrev=False,
                 description=f"cytology-lora: adapt a foundation model to a dataset (default --method "
@@ -158,15 +161,11 @@ def build_parser(default_method: str, prog: str) -> argparse.ArgumentParser:
               "explicitly override a preset)")
     g = p.add_argument_group("data")
     _add(g, "--root_path", help="folder holding the datasets")
-    _add(g, "--dataset", help="mlcc, bcfc, sipakmed, hicervix, folder, csv or demo", default_of="dataset")
+    _add(g, "--dataset", help=f"one of {', '.join(dataset_names())}", default_of="dataset")
     _add(g, "--dataset_name", help="folder and csv data: the name in run folders, tables and plots (default: "
          "the --root_path folder's name)")
-    _add(g, "--level", help="HiCervix labels: level_1, level_2, level_3 (default), class_name")
-    _add(g, "--level_fallback", choices=("original", "parent", "none"),
-         help="HiCervix: original (level 3 falls back to level 2, level 2 has no fallback; default), parent "
-              "(every level falls back to its parent), none")
-    _add(g, "--protocol", help="paper (default) or, for HiCervix, official (level 3 = the 23 classes of "
-         "HiCervix's benchmark)")
+    for name, (f, takers) in dataset_setting_fields().items():  # each dataset kind's settings dataclass
+        _add(g, f"--{name}", help=f"{', '.join(takers)}: {help_of(f)}")
     _add(g, "--label_map", help='merge classes at load time: a JSON file or "normal=a,b,c;abnormal=d,e"')
     _add(g, "--seed", type=int, default_of="seed")
     _add(g, "--cv", type=int, help="folder and csv data: split train + val into K stratified (and grouped) folds")
@@ -177,10 +176,12 @@ def build_parser(default_method: str, prog: str) -> argparse.ArgumentParser:
     _add(g, "--num_classes", type=int, help="optional; checked against the data")
     g = p.add_argument_group("model")
     _add(g, "--model_name", help=_model_help())
-    _add(g, "--backbone", help="for models with a choice of backbones (clip: ViT-B/16 default, ViT-B/32, ViT-L/14)")
+    _add(g, "--backbone", help="for models with a choice of backbones (" + "; ".join(
+        f"{e.key}: {', '.join(e.backbones)}, the first by default" for e in entries() if e.backbones) + ")")
     _add(g, "--weights", help="local weights file or folder, or 'random'")
     g = p.add_argument_group("training")
-    _add(g, "--lr", type=_finite, help="learning rate (default: 0.0002, or the method's own: full 1e-05)")
+    _add(g, "--lr", type=_finite, help=f"learning rate (default: {DEFAULTS.lr:g}, or the method's own: " + ", ".join(
+        f"{m.name} {m.lr:g}" for m in methods() if m.lr is not None) + ")")
     _add(g, "--n_iters", type=int, help="few-shot: n_iters x K steps; otherwise n_iters epochs; plus "
          "--warmup_steps", default_of="n_iters")
     _add(g, "--batch_size", type=int, default_of="batch_size")
@@ -247,6 +248,8 @@ def parse_config(argv: Sequence[str] | None, default_method: str = "lora", prog:
     demo = dataset == DEMO_DATASET and not saved
     if demo:
         values.update(_demo_overrides(method.inputs))
+        if method.lr is not None:
+            values["lr"] = method.lr  # a method's own learning rate (full fine-tuning's 1e-5) beats the demo's
     values.update(saved)
     values.update({k: v for k, v in preset.items() if k in RunConfig.__dataclass_fields__ or k in _fields(method)})
     values.update(given)
