@@ -79,5 +79,6 @@ TASK = register(Task(
     report_metrics=("recall@1", *(f"{d}_recall@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)),
                     "zeroshot_accuracy"),
     evaluate=evaluate, activation="softmax", trains_head=False, contrastive=True,
-    chance=lambda n: None, scorer=scorer, predictions_csv=predictions_csv, export_info=export_info,
+    chance=lambda n: 1.0 / n if n else None, chance_counts="test pairs",
+    scorer=scorer, predictions_csv=predictions_csv, export_info=export_info,
 ))

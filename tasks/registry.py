@@ -45,7 +45,8 @@ class Task:
     (class priors, transduction and class trees apply); trains_head: a classification head trained with
     `loss` handles it; contrastive: image-text pairs trained with the method's own loss;
     activation: what turns the classifier's outputs into the probabilities predict writes;
-    chance(n_classes): the headline's chance level, in its own units (None when it has none);
+    chance(n): the headline's chance level, in its own units, with n what `chance_counts` names (None when
+    it has none);
     loss(ctx) -> loss(outputs, labels); evaluate(ctx, plan, predict, parts, extras) -> Evaluation;
     scorer(ctx, plan) -> a function of normalised images giving the outputs predict turns into probabilities
     (None: the classifier's own outputs); predictions_csv(ctx, names, probs, record) -> CSV text;
@@ -69,6 +70,9 @@ class Task:
     predictions_csv: Callable[..., str] | None = None
     export_info: Callable[[dict], dict] | None = None
     settings: type | None = None
+    # what chance's argument counts: "classes" (the run's classes) or the test items a guess picks among
+    # (image-text pairs: recall@1 of a random ranking is 1 / the number of test pairs)
+    chance_counts: str = "classes"
 
     def setting_fields(self) -> tuple[dataclasses.Field, ...]:
         return dataclasses.fields(self.settings) if self.settings else ()

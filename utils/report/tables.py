@@ -405,13 +405,16 @@ def recall_table(groups: Sequence[Group], varying: Sequence[str], baseline: str 
 
 def chance_level(group: Group) -> float | None:
     """The headline metric of a random guess as a fraction, from the task (None when it has none)."""
-    return group.task.chance(_n_classes(group))
+    return group.task.chance(_chance_n(group))
 
 
 def _chance(group: Group) -> str:
     """The chance level in the tables' units (percent), or "none" when the task's headline has none."""
     chance = chance_level(group)
-    return "none" if chance is None else f"{100 * chance:.1f}"
+    if chance is None:
+        return "none"
+    counts = group.task.chance_counts
+    return f"{100 * chance:.1f}" + ("" if counts == "classes" else f" (1 / {_chance_n(group)} {counts})")
 
 
 def _lr_text(group: Group) -> str:
@@ -440,8 +443,10 @@ def before_after_table(groups: Sequence[Group], varying: Sequence[str], baseline
             *rows, ""]
 
 
-def _n_classes(group: Group) -> int:
-    return len(group.runs[0].data.get("classes") or [])
+def _chance_n(group: Group) -> int:
+    """What the task's chance level is a function of: the number of classes, or of test items."""
+    data = group.runs[0].data
+    return len(data.get("classes") or []) if group.task.chance_counts == "classes" else int(data.get("n_test") or 0)
 
 
 def calibration_tables(groups: Sequence[Group], varying: Sequence[str], baseline: str = "linear") -> list[str]:
