@@ -76,6 +76,19 @@ def make_folder_dataset(root: Path, per_split=None, ext: str = "png", seed: int 
     return root
 
 
+def make_multilabel_dataset(root: Path, per_split=(("train", 16), ("val", 8), ("test", 8)), seed: int = 0) -> Path:
+    """A csv multi-label dataset: colour channels as three 0/1 labels on small noisy images."""
+    rng = np.random.default_rng(seed)
+    for split, n in per_split:
+        rows = ["path,red,green,blue"]
+        for i in range(n):
+            on = [(i >> k) & 1 for k in range(3)]
+            write_cell(root / split / f"{i}.png", tuple(200 * v + 20 for v in on), rng)
+            rows.append(f"{split}/{i}.png," + ",".join(map(str, on)))
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
 def make_hicervix(root: Path, seed: int = 0) -> Path:
     """HiCervix layout: `<root>/<split>/*.jpg` and `<root>/<split>.csv` with a three-level hierarchy."""
     rng = np.random.default_rng(seed)

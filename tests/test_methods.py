@@ -264,20 +264,9 @@ def test_zeroshot_needs_a_text_tower(folder_root, tmp_path):
 @pytest.fixture(scope="session")
 def multilabel_root(tmp_path_factory):
     """A csv multi-label dataset: colour channels as three 0/1 labels on small noisy images."""
-    import numpy as np
+    from tests.conftest import make_multilabel_dataset
 
-    from tests.conftest import write_cell
-
-    root = tmp_path_factory.mktemp("multilabel")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 16), ("val", 8), ("test", 8)):
-        rows = ["path,red,green,blue"]
-        for i in range(n):
-            on = [(i >> k) & 1 for k in range(3)]
-            write_cell(root / split / f"{i}.png", tuple(200 * v + 20 for v in on), rng)
-            rows.append(f"{split}/{i}.png," + ",".join(map(str, on)))
-        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
-    return root
+    return make_multilabel_dataset(tmp_path_factory.mktemp("multilabel"))
 
 
 @pytest.mark.parametrize("name", ["linear", "lora"])

@@ -15,7 +15,7 @@ import main
 import main_lora
 from methods import get_method, methods
 from tasks import get_task, task_names
-from tests.conftest import make_folder_dataset, write_cell
+from tests.conftest import make_folder_dataset, make_multilabel_dataset, write_cell
 from utils import export, predict
 from utils.cli import open_run
 
@@ -25,15 +25,7 @@ PAIRS = [(m.name, t) for t in task_names() for m in methods() if t in m.tasks]
 
 
 def _multilabel(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 8), ("test", 4)):
-        rows = ["path,red,green,blue"]
-        for i in range(n):
-            on = [(i >> k) & 1 for k in range(3)]
-            write_cell(root / split / f"{i}.png", tuple(200 * v + 20 for v in on), rng)
-            rows.append(f"{split}/{i}.png," + ",".join(map(str, on)))
-        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
-    return root
+    return make_multilabel_dataset(root, per_split=(("train", 8), ("val", 8), ("test", 4)))
 
 
 def _captions(root: Path) -> Path:
